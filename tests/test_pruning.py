@@ -197,7 +197,8 @@ def test_group_lasso_gradient_matches_finite_differences():
         plus, minus = w.copy(), w.copy()
         plus[idx] += h
         minus[idx] -= h
-        numeric[idx] = (numpy_penalty(plus, block, lam) - numpy_penalty(minus, block, lam)) / (2 * h)
+        difference = numpy_penalty(plus, block, lam) - numpy_penalty(minus, block, lam)
+        numeric[idx] = difference / (2 * h)
     np.testing.assert_allclose(added, numeric, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(added[4:7, 8:10], 0.0)
     penalty = float(pruning.group_lasso_penalty(params, lam, block))
