@@ -1,0 +1,48 @@
+"""Block-sparse matrix products for exported sparse weights.
+
+`bsc_matmul(x, w)` computes y = x @ K for a `bsrnn.export.BlockSparseMatrix` K and picks
+the implementation from `jax.default_backend()`: the Pallas/Triton kernel on GPUs, the
+portable XLA path elsewhere. `impl=` overrides the choice.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+
+from bsrnn.export import BlockSparseMatrix
+from bsrnn.kernels.pallas_gpu import bsc_matmul_pallas
+from bsrnn.kernels.xla import bsc_matmul_xla
+
+__all__ = ["bsc_matmul", "bsc_matmul_pallas", "bsc_matmul_xla", "default_impl"]
+
+Impl = Literal["xla", "pallas", "pallas_interpret"]
+
+
+def default_impl() -> Impl:
+    """The implementation `bsc_matmul` uses here: "pallas" on GPUs, "xla" elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def bsc_matmul(x: jax.Array, w: BlockSparseMatrix, *, impl: Impl | None = None) -> jax.Array:
+    """y = x @ K with K stored block-sparse.
+
+    Args:
+      x: (..., in_features) input.
+      w: block-sparse K, shape (in_features, out_features).
+      impl: "xla" (portable gathers + small products + segment sum), "pallas" (Triton
+        kernel, GPU only), "pallas_interpret" (same kernel in the Pallas interpreter, any
+        backend, slow), or None for `default_impl()`.
+
+    Returns:
+      (..., out_features), dtype promoted from x and the block values.
+    """
+    impl = impl or default_impl()
+    if impl == "xla":
+        return bsc_matmul_xla(x, w)
+    if impl == "pallas":
+        return bsc_matmul_pallas(x, w)
+    if impl == "pallas_interpret":
+        return bsc_matmul_pallas(x, w, interpret=True)
+    raise ValueError(f"impl must be 'xla', 'pallas' or 'pallas_interpret', got {impl!r}")

@@ -1,0 +1,154 @@
+"""Block-sparse product y = x @ K as a Pallas kernel for GPUs (Triton backend).
+
+One program per (block column j, tile of TM rows of x). Block column j's stored blocks
+are contiguous in `values` (BSC order), so viewed as a 2-D array of shape (nnzb*bh, bw)
+they form a panel of rows col_ptr[j]*bh : col_ptr[j+1]*bh whose panel row r multiplies
+input feature row_indices[r // bh]*bh + r % bh. The program walks its panel R rows at a
+time: it gathers the matching (TM, R) slice of x, loads the (R, bw) slice of the panel
+(zero-padded to 16 columns so that the tensor-core dot has legal shapes) and accumulates
+in float32; then it writes its (TM, bw) output tile. No atomics, no second pass, and the
+weight bytes read are those of the stored blocks only.
+
+Triton needs power-of-two tile sides, so any bh (12 for 12x2 blocks) is handled through
+the flat panel rows, and bw through masked loads into a 16-or-wider tile. Runs on the CPU
+with `interpret=True` (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from bsrnn.export import BlockSparseMatrix
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernel(
+    col_ptr_ref,
+    row_idx_ref,
+    panel_ref,
+    x_ref,
+    o_ref,
+    *,
+    n: int,
+    n_in: int,
+    n_out: int,
+    bh: int,
+    bw: int,
+    bw_pad: int,
+    tm: int,
+    rows_per_step: int,
+    precision,
+):
+    j = pl.program_id(0)
+    m = pl.program_id(1) * tm + jnp.arange(tm, dtype=jnp.int32)
+    c = jnp.arange(bw_pad, dtype=jnp.int32)
+    start = col_ptr_ref[j] * bh
+    stop = col_ptr_ref[j + 1] * bh
+    m_ok = m < n
+    c_ok = c < bw
+    dtype = jnp.result_type(x_ref.dtype, panel_ref.dtype)
+
+    def step(i, acc):
+        r = start + i * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
+        r_ok = r < stop
+        block_row = plgpu.load(row_idx_ref.at[r // bh], mask=r_ok, other=0)
+        feat = block_row * bh + r % bh
+        x_ok = m_ok[:, None] & (r_ok & (feat < n_in))[None, :]
+        xg = plgpu.load(x_ref.at[m[:, None], feat[None, :]], mask=x_ok, other=0)
+        wv = plgpu.load(
+            panel_ref.at[r[:, None], c[None, :]], mask=r_ok[:, None] & c_ok[None, :], other=0
+        )
+        return acc + jnp.dot(
+            xg.astype(dtype),
+            wv.astype(dtype),
+            preferred_element_type=jnp.float32,
+            precision=precision,
+        )
+
+    n_steps = (stop - start + rows_per_step - 1) // rows_per_step
+    acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((tm, bw_pad), jnp.float32))
+    out_col = j * bw + c
+    plgpu.store(
+        o_ref.at[m[:, None], out_col[None, :]],
+        acc.astype(o_ref.dtype),
+        mask=m_ok[:, None] & (c_ok & (out_col < n_out))[None, :],
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("interpret", "rows_per_step", "max_tm", "num_warps", "num_stages")
+)
+def bsc_matmul_pallas(
+    x: jax.Array,
+    w: BlockSparseMatrix,
+    *,
+    interpret: bool = False,
+    rows_per_step: int | None = None,
+    max_tm: int = 64,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> jax.Array:
+    """y = x @ K with K block-sparse, as one Pallas (Triton) kernel launch.
+
+    Args:
+      x: (..., in_features) input; the flattened leading size N may be anything (tiles of
+        up to `max_tm` rows), 1 to 256 is the intended range.
+      w: block-sparse K of shape (in_features, out_features).
+      interpret: run the kernel in the Pallas interpreter (CPU tests).
+      rows_per_step: panel rows (power of two, >= 16) per loop step; default picks
+        from the block shape.
+      max_tm: largest tile of x rows per program (power of two, >= 16).
+      num_warps, num_stages: Triton launch parameters (default: Triton's).
+
+    Returns:
+      (..., out_features) in the promoted dtype of x and the block values, accumulated in
+      float32 (float32 operands use exact fp32 products, not tf32).
+    """
+    n_in, n_out = w.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x has {x.shape[-1]} features, the kernel expects {n_in}")
+    (bh, bw), (_, nbc) = w.block_shape, w.grid_shape
+    dtype = jnp.result_type(x.dtype, w.values.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_in)
+    n = x2.shape[0]
+    if w.nnzb == 0 or n == 0:
+        return jnp.zeros((*lead, n_out), dtype)
+    tm = min(max(16, _next_pow2(n)), max_tm)
+    if rows_per_step is None:
+        rows_per_step = 64 if bw <= 16 else 32
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _kernel,
+        n=n,
+        n_in=n_in,
+        n_out=n_out,
+        bh=bh,
+        bw=bw,
+        bw_pad=max(16, _next_pow2(bw)),
+        tm=tm,
+        rows_per_step=rows_per_step,
+        precision=precision,
+    )
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((n, n_out), dtype),
+        grid=(nbc, pl.cdiv(n, tm)),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=f"bsc_matmul_{bh}x{bw}",
+    )(
+        jnp.asarray(w.col_ptr),
+        jnp.asarray(w.row_indices),
+        jnp.asarray(w.values).reshape(w.nnzb * bh, bw),
+        x2,
+    )
+    return y.reshape(*lead, n_out)

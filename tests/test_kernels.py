@@ -1,0 +1,118 @@
+"""Block-sparse products (XLA path, Pallas kernel in interpret mode) against x @ (K * mask)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsrnn import kernels
+from bsrnn.export import from_dense
+
+
+def _case(seed, shape, block_shape, density=0.35):
+    """Random kernel, random block mask (partial edge blocks when sides don't divide)."""
+    rng = np.random.default_rng(seed)
+    bh, bw = block_shape
+    grid = (-(-shape[0] // bh), -(-shape[1] // bw))
+    keep = rng.random(grid) < density
+    keep[0, -1] = keep[-1, 0] = True  # both partial edges carry a stored block
+    mask = np.kron(keep, np.ones(block_shape, bool))[: shape[0], : shape[1]]
+    k = rng.standard_normal(shape).astype(np.float32)
+    return rng, k, mask
+
+
+def _ref(x, k, mask):
+    return np.asarray(x, np.float64) @ (k.astype(np.float64) * mask)
+
+
+def _rel_err(y, ref):
+    return np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
+
+
+CASES = [  # (in, out), block shape, N
+    ((37, 45), (4, 4), 3),
+    ((50, 30), (12, 2), 5),
+    ((33, 70), (16, 16), 17),
+    ((20, 19), (1, 1), 2),
+    ((70, 40), (32, 32), 1),
+    ((23, 17), (3, 5), 4),
+]
+
+
+@pytest.mark.parametrize("shape, block_shape, n", CASES)
+def test_xla_matches_dense_float32(shape, block_shape, n):
+    rng, k, mask = _case(0, shape, block_shape)
+    w = from_dense(k, mask, block_shape)
+    x = rng.standard_normal((n, shape[0])).astype(np.float32)
+    y = jax.jit(kernels.bsc_matmul_xla)(jnp.asarray(x), w)
+    assert y.shape == (n, shape[1]) and y.dtype == jnp.float32
+    assert _rel_err(y, _ref(x, k, mask)) < 1e-6
+
+
+@pytest.mark.parametrize("shape, block_shape, n", CASES[:3] + CASES[5:])
+def test_pallas_interpret_matches_dense_float32(shape, block_shape, n):
+    rng, k, mask = _case(1, shape, block_shape)
+    w = from_dense(k, mask, block_shape)
+    x = rng.standard_normal((n, shape[0])).astype(np.float32)
+    y = kernels.bsc_matmul(jnp.asarray(x), w, impl="pallas_interpret")
+    assert y.shape == (n, shape[1]) and y.dtype == jnp.float32
+    assert _rel_err(y, _ref(x, k, mask)) < 1e-6
+
+
+def test_pallas_several_row_tiles_and_short_steps():
+    # N = 20 with 16-row tiles: two row tiles, the second partial; 16 panel rows per step
+    # with 12x2 blocks, so blocks straddle loop steps.
+    rng, k, mask = _case(2, (61, 26), (12, 2), density=0.6)
+    w = from_dense(k, mask, (12, 2))
+    x = rng.standard_normal((20, 61)).astype(np.float32)
+    y = kernels.bsc_matmul_pallas(jnp.asarray(x), w, interpret=True, max_tm=16, rows_per_step=16)
+    assert _rel_err(y, _ref(x, k, mask)) < 1e-6
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision(impl, dtype):
+    rng, k, mask = _case(3, (45, 38), (8, 4))
+    w = from_dense(k, mask, (8, 4), dtype=dtype)
+    x = rng.standard_normal((6, 45)).astype(np.float32)
+    y = kernels.bsc_matmul(jnp.asarray(x, dtype), w, impl=impl)
+    assert y.dtype == dtype
+    # Reference on the rounded operands: the error left is the output rounding.
+    xr = np.asarray(jnp.asarray(x, dtype), np.float32)
+    kr = np.asarray(jnp.asarray(k, dtype), np.float32)
+    assert _rel_err(y.astype(jnp.float32), _ref(xr, kr, mask)) < 1e-2
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_leading_dims_mixed_dtype_and_jit(impl):
+    rng, k, mask = _case(4, (24, 20), (4, 4))
+    w = from_dense(k, mask, (4, 4), dtype=jnp.bfloat16)  # bf16 weights, fp32 activations
+    x = rng.standard_normal((2, 3, 24)).astype(np.float32)
+    y = jax.jit(lambda x, w: kernels.bsc_matmul(x, w, impl=impl))(jnp.asarray(x), w)
+    assert y.shape == (2, 3, 20) and y.dtype == jnp.float32
+    kr = np.asarray(jnp.asarray(k, jnp.bfloat16), np.float32)
+    assert _rel_err(y, _ref(x, kr, mask)) < 1e-6
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_all_blocks_pruned_gives_zeros(impl):
+    rng = np.random.default_rng(5)
+    w = from_dense(rng.standard_normal((9, 7)).astype(np.float32), np.zeros((9, 7), bool), (4, 4))
+    x = jnp.asarray(rng.standard_normal((3, 9)), jnp.float32)
+    y = kernels.bsc_matmul(x, w, impl=impl)
+    assert y.shape == (3, 7)
+    np.testing.assert_array_equal(np.asarray(y), 0.0)
+
+
+def test_dispatch_and_errors():
+    assert kernels.default_impl() == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    rng, k, mask = _case(6, (16, 16), (4, 4))
+    w = from_dense(k, mask, (4, 4))
+    x = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
+    np.testing.assert_allclose(
+        np.asarray(kernels.bsc_matmul(x, w)), _ref(x, k, mask), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="impl must be"):
+        kernels.bsc_matmul(x, w, impl="cusparse")
+    with pytest.raises(ValueError, match="expects 16"):
+        kernels.bsc_matmul(x[:, :15], w, impl="xla")
