@@ -1,0 +1,432 @@
+"""Block-sparse y = x @ K against dense and library sparse products (SPEC §2.6 baselines).
+
+Paper sizes: RNN 1760 (K 1760x1760, 90% block sparsity) and GRU 2560 (K 2560x7680, i.e.
+the three gates' W of 7680x2560, 95% block sparsity); x of N rows, N in {1, 8, 32, 128}.
+Methods, each on the same masked weights and fresh random inputs, in one process:
+
+- jax: `dense` (jnp.dot on K * mask: cuBLAS), `xla` (bsrnn.kernels.bsc_matmul_xla),
+  `pallas` (bsrnn.kernels.bsc_matmul_pallas), `bcsr` (jax.experimental.sparse.BCSR,
+  element-sparse, timed for 4x4 masks only: its cost does not depend on the block shape).
+- torch (GPU mode): `t_dense` (torch.mm, cuBLAS), `t_csr` (cuSPARSE CSR SpMM), `t_bsr`
+  (torch BSR: Triton for fp16 and blocks >= 16, else what torch dispatches to), all as
+  W (out, in) @ X (in, N).
+
+Timing is device work: JAX ops run R times inside one jitted call (each on its own input,
+chained through `lax.optimization_barrier` so XLA neither merges nor reorders them), and
+the call's wall time over R is the per-op time (median over calls after warm-up); torch
+ops are captured R at a time in a CUDA graph and timed with CUDA events around replays.
+Ratios are dense time over method time (> 1: faster than dense), against jnp.dot for jax
+methods and torch.mm for torch methods, from the same run. Each method's output is first
+checked against an fp32 (HIGHEST precision) dense product on a fresh input.
+
+    PYTHONPATH=. python experiments/bench/matmul.py --mode=gpu --tune --json=matmul_gpu.json
+    PYTHONPATH=. python experiments/bench/matmul.py --mode=cpu --json=matmul_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsrnn.export import BlockSparseMatrix, from_dense
+from bsrnn.kernels import bsc_matmul_pallas, bsc_matmul_xla
+
+MATRICES = {  # name: (in_features, out_features, block sparsity)
+    "rnn1760": (1760, 1760, 0.90),
+    "gru2560": (2560, 7680, 0.95),
+}
+
+
+def block_mask(rng, shape, block_shape, sparsity):
+    """Mask keeping exactly round((1 - sparsity) * n_blocks) random blocks."""
+    bh, bw = block_shape
+    grid = (-(-shape[0] // bh), -(-shape[1] // bw))
+    keep = np.zeros(grid[0] * grid[1], bool)
+    keep[rng.permutation(keep.size)[: round((1 - sparsity) * keep.size)]] = True
+    return np.kron(keep.reshape(grid), np.ones(block_shape, bool))[: shape[0], : shape[1]]
+
+
+def chained(op, reps):
+    """jit of xs (R, ...) -> R outputs of op(xs[i]), serialised by optimization barriers."""
+
+    def run(xs, *args):
+        outs, prev = [], None
+        for i in range(reps):
+            x = xs[i] if prev is None else jax.lax.optimization_barrier((xs[i], prev))[0]
+            prev = op(x, *args)
+            outs.append(prev)
+        return outs
+
+    return jax.jit(run)
+
+
+def time_jax(fn, args, reps, calls):
+    """Median wall time of fn(*args) over `calls` calls, divided by reps (µs per op)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) / reps * 1e6
+
+
+def rel_err(y, ref):
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.records = []
+        self.t0 = time.perf_counter()
+
+    def out_of_time(self):
+        return time.perf_counter() - self.t0 > self.args.budget_s
+
+    def add(self, **rec):
+        self.records.append(rec)
+        us = rec.get("us")
+        print(
+            f"  {rec['matrix']:8s} {rec['dtype']:8s} {rec['block']:6s} N={rec['n']:<4d} "
+            f"{rec['method']:14s} "
+            + (f"{us:9.2f} us  err {rec['err']:.1e}" if us is not None else rec.get("error", "")),
+            flush=True,
+        )
+
+    def save(self):
+        if self.args.json:
+            with open(self.args.json, "w") as f:
+                json.dump({"meta": self.meta, "records": self.records}, f, indent=1)
+
+
+def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, pallas_cfgs):
+    """Times dense / xla / pallas (/ bcsr) for one (matrix, block, dtype, N)."""
+    a = bench.args
+    n_in, n_out = k_masked.shape
+    kd = jnp.asarray(k_masked, dtype)
+    wd = jax.tree.map(jnp.asarray, w)
+    k32 = jnp.asarray(jnp.asarray(k_masked, dtype), jnp.float32)
+    xs = jax.random.normal(key, (a.reps, n, n_in), jnp.float32).astype(dtype)
+    # Check on the first timed input: the fp32 product on the same rounded operands.
+    ref = jnp.dot(xs[0].astype(jnp.float32), k32, precision=jax.lax.Precision.HIGHEST)
+    methods = {
+        "dense": (lambda x, k: jnp.dot(x, k), (kd,), a.reps),
+        "xla": (bsc_matmul_xla, (wd,), a.reps_xla),
+    }
+    for label, cfg in pallas_cfgs.items():
+        methods[label] = (
+            lambda x, w, cfg=cfg: bsc_matmul_pallas(x, w, **cfg),
+            (wd,),
+            a.reps,
+        )
+    if with_bcsr:
+        from jax.experimental import sparse
+
+        kt = sparse.BCSR.fromdense(kd.T, nse=int(np.count_nonzero(k_masked)))
+        methods["bcsr"] = (lambda x, kt: (kt @ x.T).T, (kt,), 4)
+    results = {}
+    for method, (op, extra, reps) in methods.items():
+        rec = dict(matrix=name, dtype=jnp.dtype(dtype).name, block=block, n=n, method=method)
+        try:
+            fn = chained(op, reps)
+            err = rel_err(fn(xs[:reps], *extra)[0], ref)
+            us = time_jax(fn, (xs[:reps], *extra), reps, a.calls)
+            results[method] = us
+            bench.add(**rec, us=us, err=err, ratio=None)
+        except Exception as e:  # noqa: BLE001  (record and carry on: one run, many methods)
+            bench.add(**rec, us=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+    dense = results.get("dense")
+    for r in bench.records[-len(methods) :]:
+        if r.get("us") and dense:
+            r["ratio"] = dense / r["us"]
+    return results
+
+
+def torch_methods(bench, name, k_masked, dtype_name, n, block, seed):
+    """Times torch dense / CSR / BSR for one case (GPU mode)."""
+    import torch
+
+    a = bench.args
+    dt = {"float16": torch.float16, "float32": torch.float32}[dtype_name]
+    n_in, n_out = k_masked.shape
+    w = torch.tensor(np.ascontiguousarray(k_masked.T), device="cuda", dtype=dt)  # (out, in)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    xs = torch.randn(a.reps, n_in, n, device="cuda", dtype=dt, generator=g)
+    xcheck = torch.randn(n_in, n, device="cuda", dtype=dt, generator=g)
+    ref = (w.double() @ xcheck.double()).cpu().numpy()
+    bh, bw = (int(s) for s in block.split("x"))
+    variants = {"t_dense": lambda: w}
+    if bh == bw == 1:
+        variants["t_csr"] = lambda: w.to_sparse_csr()
+    else:
+        variants["t_bsr"] = lambda: w.to_sparse_bsr((bw, bh))  # W = K^T: blocks transpose
+    if block == "4x4":
+        variants["t_csr"] = lambda: w.to_sparse_csr()
+    results = {}
+    for method, make in variants.items():
+        rec = dict(matrix=name, dtype=dtype_name, block=block, n=n, method=method)
+        try:
+            wm = make()
+            y = torch.mm(wm, xcheck)
+            err = rel_err(y.float().cpu().numpy(), ref)
+            torch.cuda.synchronize()
+            outs = [None] * a.reps
+            for i in range(a.reps):  # warm-up (and Triton compilation) outside the graph
+                outs[i] = torch.mm(wm, xs[i])
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            how = "graph"
+            try:
+                with torch.cuda.graph(graph):
+                    for i in range(a.reps):
+                        outs[i] = torch.mm(wm, xs[i])
+                run = graph.replay
+            except Exception:  # noqa: BLE001  (some sparse paths sync on the host)
+                how = "eager"
+                torch.cuda.synchronize()
+
+                def run(wm=wm, outs=outs):
+                    for i in range(a.reps):
+                        outs[i] = torch.mm(wm, xs[i])
+
+            run()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(a.calls):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                run()
+                e.record()
+                e.synchronize()
+                ts.append(s.elapsed_time(e) * 1e3 / a.reps)
+            us = statistics.median(ts)
+            results[method] = us
+            bench.add(**rec, us=us, err=err, ratio=None, timing=how)
+        except Exception as e:  # noqa: BLE001
+            bench.add(**rec, us=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+    dense = results.get("t_dense")
+    for r in bench.records[-len(variants) :]:
+        if r.get("us") and dense:
+            r["ratio"] = dense / r["us"]
+    return results
+
+
+def tune_pallas(bench):
+    """Sweeps Pallas launch parameters on a few fp16 cases; returns {cfg: [time / best]}."""
+    rng = np.random.default_rng(7)
+    reps, calls = bench.args.reps, bench.args.calls
+    scores = {}
+    cases = (
+        ("gru2560", 4, 1),
+        ("gru2560", 16, 32),
+        ("rnn1760", 4, 1),
+        ("rnn1760", 16, 32),
+        ("rnn1760", 32, 8),
+    )
+    for name, b, n in cases:
+        n_in, n_out, sp = MATRICES[name]
+        k = rng.standard_normal((n_in, n_out)).astype(np.float32) / np.sqrt(n_in)
+        mask = block_mask(rng, (n_in, n_out), (b, b), sp)
+        w = jax.tree.map(jnp.asarray, from_dense(k, mask, (b, b), dtype=jnp.float16))
+        xs = jax.random.normal(jax.random.key(n), (reps, n, n_in), jnp.float16)
+        row = {}
+        for cfg in itertools.product((1, 2, 4), (64, 128, 256)):
+            if bench.out_of_time():
+                return scores
+            kw = dict(num_warps=cfg[0], rows_per_step=cfg[1])
+            op = functools.partial(bsc_matmul_pallas, **kw)
+            try:
+                row[cfg] = time_jax(chained(op, reps), (xs, w), reps, calls)
+            except Exception as e:  # noqa: BLE001
+                print(f"  tune {kw}: {type(e).__name__}: {str(e)[:200]}")
+        if not row:
+            continue
+        print(
+            f"  tune {name} {b}x{b} N={n}: "
+            + " ".join(f"w{c[0]}/r{c[1]}={us:.2f}" for c, us in row.items()),
+            flush=True,
+        )
+        for cfg, us in row.items():
+            scores.setdefault(cfg, []).append(us / min(row.values()))
+        bench.records.append(
+            dict(
+                kind="tune",
+                matrix=name,
+                block=f"{b}x{b}",
+                n=n,
+                us={f"w{c[0]}_r{c[1]}": v for c, v in row.items()},
+            )
+        )
+    return scores
+
+
+def markdown_tables(records, methods, dtypes):
+    lines = []
+    for name in MATRICES:
+        for dtype in dtypes:
+            recs = [
+                r
+                for r in records
+                if r.get("matrix") == name and r.get("dtype") == dtype and "method" in r
+            ]
+            if not recs:
+                continue
+            blocks = sorted({r["block"] for r in recs}, key=lambda s: (int(s.split("x")[0]), s))
+            ns = sorted({r["n"] for r in recs})
+            lines.append(f"\n{name} {dtype}: µs per product (ratio = dense time / this time)\n")
+            lines.append("| block | method | " + " | ".join(f"N={n}" for n in ns) + " |")
+            lines.append("|---|---|" + "---|" * len(ns))
+            for b in blocks:
+                for m in methods:
+                    cells = []
+                    for n in ns:
+                        r = next(
+                            (
+                                r
+                                for r in recs
+                                if r["block"] == b and r["n"] == n and r["method"] == m
+                            ),
+                            None,
+                        )
+                        if r is None:
+                            cells.append("")
+                        elif r.get("us") is None:
+                            cells.append("error")
+                        else:
+                            ratio = f" ({r['ratio']:.2f}×)" if r.get("ratio") else ""
+                            cells.append(f"{r['us']:.1f}{ratio}")
+                    if any(cells):
+                        lines.append(f"| {b} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("gpu", "cpu"), default="gpu")
+    p.add_argument("--json", default="")
+    p.add_argument("--commit", default="")
+    p.add_argument("--reps", type=int, default=0, help="ops per jitted call (0: per mode)")
+    p.add_argument("--reps_xla", type=int, default=0)
+    p.add_argument("--calls", type=int, default=0)
+    p.add_argument("--budget_s", type=float, default=480.0)
+    p.add_argument("--tune", action="store_true", help="sweep Pallas launch parameters first")
+    p.add_argument("--blocks", default="")
+    p.add_argument("--dtypes", default="")
+    p.add_argument("--ns", default="")
+    p.add_argument("--matrices", default="")
+    p.add_argument("--markdown", default="", help="also write the tables to this file")
+    a = p.parse_args(argv)
+    gpu = a.mode == "gpu"
+    a.reps = a.reps or (48 if gpu else 8)
+    a.reps_xla = a.reps_xla or (16 if gpu else 8)
+    a.calls = a.calls or (30 if gpu else 40)
+    blocks = a.blocks or ("1x1,4x4,8x8,16x16,32x32,12x2" if gpu else "4x4,8x8,16x16,32x32")
+    blocks = [tuple(int(s) for s in b.split("x")) for b in blocks.split(",")]
+    dtypes = (a.dtypes or ("float16,float32" if gpu else "float32")).split(",")
+    ns = [int(s) for s in (a.ns or ("1,8,32,128" if gpu else "1,8")).split(",")]
+    matrices = (a.matrices or ("rnn1760,gru2560" if gpu else "rnn1760")).split(",")
+
+    bench = Bench(a)
+    bench.meta = dict(
+        date=time.strftime("%Y-%m-%d"),
+        mode=a.mode,
+        commit=a.commit,
+        argv=sys.argv,
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        device=str(jax.devices()[0].device_kind),
+        python=platform.python_version(),
+        machine=platform.machine(),
+        reps=a.reps,
+        reps_xla=a.reps_xla,
+        calls=a.calls,
+    )
+    if gpu:
+        import torch
+
+        bench.meta.update(torch=torch.__version__, cuda=torch.version.cuda)
+        if torch.cuda.is_available():
+            bench.meta["gpu"] = torch.cuda.get_device_name()
+    print(json.dumps(bench.meta), flush=True)
+
+    pallas_cfgs = {"pallas": {}} if gpu else {}
+    if gpu and a.tune:
+        best = tune_pallas(bench)
+        if best:
+            cfg = min(best, key=lambda c: statistics.mean(best[c]))
+            print(
+                f"  tune: best mean-normalised config num_warps={cfg[0]} rows_per_step={cfg[1]}",
+                flush=True,
+            )
+            pallas_cfgs["pallas_tuned"] = dict(num_warps=cfg[0], rows_per_step=cfg[1])
+            bench.meta["pallas_tuned"] = pallas_cfgs["pallas_tuned"]
+        bench.save()
+
+    rng = np.random.default_rng(0)
+    for dtype_name in dtypes:
+        dtype = jnp.dtype(dtype_name)
+        for name in matrices:
+            n_in, n_out, sp = MATRICES[name]
+            k = rng.standard_normal((n_in, n_out)).astype(np.float32) / np.sqrt(n_in)
+            for bs in blocks:
+                block = f"{bs[0]}x{bs[1]}"
+                mask = block_mask(rng, (n_in, n_out), bs, sp)
+                k_masked = k * mask
+                w: BlockSparseMatrix = from_dense(k, mask, bs, dtype=dtype)
+                for n in ns:
+                    if bench.out_of_time():
+                        print("  time budget spent: stopping", flush=True)
+                        break
+                    key = jax.random.key(hash((name, block, n)) % 2**31)
+                    jax_methods(
+                        bench,
+                        name,
+                        k_masked,
+                        w,
+                        dtype,
+                        n,
+                        block,
+                        key,
+                        with_bcsr=gpu and block == "4x4",
+                        pallas_cfgs=pallas_cfgs,
+                    )
+                    if gpu:
+                        try:
+                            torch_methods(bench, name, k_masked, dtype_name, n, block, seed=n)
+                        except Exception as e:  # noqa: BLE001
+                            bench.add(
+                                matrix=name,
+                                dtype=dtype_name,
+                                block=block,
+                                n=n,
+                                method="t_dense",
+                                us=None,
+                                error=f"{type(e).__name__}: {str(e)[:300]}",
+                            )
+                    bench.save()
+    methods = ["dense", "xla", *pallas_cfgs, "bcsr", "t_dense", "t_csr", "t_bsr"]
+    tables = markdown_tables(bench.records, methods, dtypes)
+    print(tables)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(tables + "\n")
+    print(f"total {time.perf_counter() - bench.t0:.0f} s")
+    bench.save()
+
+
+if __name__ == "__main__":
+    main()
