@@ -202,9 +202,6 @@ class RecurrentLayer(nn.Module):
         if self.cell not in GATES:
             raise ValueError(f"unknown cell {self.cell!r}; choose one of {tuple(GATES)}.")
         batch, steps, in_features = x.shape
-        lengths = (
-            jnp.full((batch,), steps, jnp.int32) if lengths is None else jnp.asarray(lengths)
-        )
         dense = dict(features=self.features, dtype=self.dtype)
         inputs, recurrents = [], []
         for gate in GATES[self.cell]:
@@ -219,29 +216,33 @@ class RecurrentLayer(nn.Module):
         b_h = jnp.concatenate([b for _, b in recurrents])
 
         if self.reverse:
-            x = reverse_sequences(x, lengths)
+            x = jnp.flip(x, axis=1) if lengths is None else reverse_sequences(x, lengths)
         x_proj = jnp.dot(x.astype(w_i.dtype), w_i) + b_i  # (B, T, gates·H), one product
-        valid = jnp.arange(steps)[:, None] < lengths[None, :]  # (T, B)
 
         if initial_carry is None:
             h0 = jnp.zeros((batch, self.features), w_h.dtype)
             initial_carry = (h0, h0) if self.cell == "lstm" else h0
 
-        def step(carry: Carry, inputs: tuple[jax.Array, jax.Array]) -> tuple[Carry, jax.Array]:
+        def step(carry: Carry, inputs: tuple[jax.Array, jax.Array | None]):
             x_t, valid_t = inputs
             new_carry, out = cell_step(self.cell, carry, x_t, w_h, b_h)
+            if valid_t is None:  # no padding: skip the selects
+                return new_carry, out
             keep = valid_t[:, None]
             new_carry = jax.tree_util.tree_map(
                 lambda new, old: jnp.where(keep, new, old), new_carry, carry
             )
             return new_carry, jnp.where(keep, out, 0)
 
+        valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths[None, :]
         carry, outputs = jax.lax.scan(
             step, initial_carry, (jnp.swapaxes(x_proj, 0, 1), valid), unroll=self.unroll
         )
         outputs = jnp.swapaxes(outputs, 0, 1)
         if self.reverse:
-            outputs = reverse_sequences(outputs, lengths)
+            outputs = jnp.flip(outputs, 1) if lengths is None else reverse_sequences(
+                outputs, lengths
+            )
         return outputs, carry
 
 
