@@ -78,7 +78,7 @@ def _flat(tree: Any) -> dict[Path, Any]:
     return traverse_util.flatten_dict(tree) if tree else {}
 
 
-def _per_type(value: PerType[T], layer_type: str, name: str) -> T | None:
+def _per_type(value: PerType[T], layer_type: str) -> T | None:
     if isinstance(value, Mapping):
         return value.get(layer_type)
     return value
@@ -105,13 +105,13 @@ def _leaf_specs(
         kind = layer_type(path, leaf)
         if kind is None:
             continue
-        first = _per_type(primary, kind, "schedule")
+        first = _per_type(primary, kind)
         if first is None:
             continue
         values = {}
         for name, value in (("block_shape", block_shape), ("reduction", reduction),
                             ("num_gates", num_gates)):
-            values[name] = _per_type(value, kind, name)
+            values[name] = _per_type(value, kind)
             if values[name] is None:
                 raise ValueError(
                     f"{name} has no entry for layer type {kind!r} (leaf {'/'.join(path)}); "
@@ -212,7 +212,9 @@ def block_prune(
       rewritten so that pruned weights become, and stay, exactly zero.
     * ``"regrowth"`` (P2's text): params are dense shadow weights that keep their updates;
       the masks are recomputed from them at each update step, so a block whose score rises
-      above the threshold rejoins. The forward pass still sees only ``w * mask``.
+      above the threshold rejoins. The forward pass still sees only ``w * mask``. Masks are
+      recomputed from scratch, so a fixed pattern from init (P3's block-diagonal) is not kept:
+      use ``"hard"`` with fixed patterns.
 
     Put it **last** in an ``optax.chain``: it needs the final update. ``update`` requires
     ``params`` and ``masks=`` (the current ``masks`` collection).
