@@ -1,0 +1,240 @@
+"""What ``launch.py`` runs: flag parsing with clear config errors, single runs and sweeps.
+
+A sweep file (``experiments/sweeps/*.py``) defines ``get_sweep(arg) -> list[dict]``: one
+dict of config overrides per member, keys as on the command line without ``config.``
+(``{"prune.block_shape.recurrent": (8, 8)}``). ``launch.py --sweep=FILE[:arg]`` runs every
+member in its own sub-workdir ``<workdir>/<NN>_<values>``, then writes
+``<workdir>/sweep_summary.json`` and ``sweep_summary.txt``, a table of the members'
+reports. Members run one after another in this process, or with ``--sweep_workers=N``
+in N processes at once, each pinned to its own GPU through ``CUDA_VISIBLE_DEVICES``
+(on CPUs they share the cores). Members whose sub-workdir already holds a
+``report.json`` are not run again, so a sweep resumes like a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging as py_logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import flags, logging
+from ml_collections import config_flags
+
+from bsrnn import report, train
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(REPO / "experiments" / "configs" / "shakespeare_gru.py")
+LAUNCH = REPO / "launch.py"
+
+# Errors whose message tells the user what to do: printed without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, train.CheckpointError)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with unknown config keys reported by name instead of a traceback.
+
+    Wrong types are already reported by absl (``flag --config.num_steps=abc: invalid
+    literal for int()``).
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("'\"").split("'")[0].split("\\n")[0]
+        given = [a for a in argv if a.startswith("--config.") and re.search(
+            rf"[.]{re.escape(key)}([.=]|$)", a)]
+        where = f" in {given[0]}" if given else ""
+        hint = str(e).split("\\n", 1)[1].rstrip("'\"") if "\\n" in str(e) else ""
+        sys.exit(
+            f"FATAL Flags parsing error: unknown config key {key!r}{where}. {hint} "
+            "Run with --config.<key>=<value> only for keys the config file defines."
+        )
+    except ValueError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
+
+
+def _quiet_libraries(record: Any) -> bool:
+    """Drop orbax's INFO lines (a dozen per checkpoint); keep its warnings and errors."""
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(parsed: flags.FlagValues) -> None:
+    """Run ``parsed.config`` in ``parsed.workdir``, or the sweep ``parsed.sweep``."""
+    logging.get_absl_handler().addFilter(_quiet_libraries)
+    try:
+        if parsed.sweep:
+            config_flag = parsed["config"]
+            base_args = [f"--config={config_flags.get_config_filename(config_flag)}"] + [
+                f"--config.{k}={_cli_value(v)}"
+                for k, v in config_flags.get_override_values(config_flag).items()
+            ]
+            failed = run_sweep(parsed.config, parsed.sweep, parsed.workdir,
+                               workers=parsed.sweep_workers, base_args=base_args)
+            if failed:
+                sys.exit(f"launch.py: {failed} sweep member(s) failed; see the summary above.")
+        else:
+            train.train_and_evaluate(parsed.config, parsed.workdir)
+    except USER_ERRORS as e:
+        sys.exit(f"launch.py: error: {e}")
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any]
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``{"a.b": value}`` overrides set; unknown keys and wrong
+    types raise ``ValueError`` naming the key."""
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ValueError(
+                    f"override {key!r}: config has no section {'.'.join(parents[: i + 1])!r}."
+                )
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(
+                f"override {key!r}: unknown config key; {'.'.join(parents) or 'config'} has "
+                f"{sorted(node.keys())}."
+            )
+        try:
+            with node.unlocked() if node.is_locked else _nothing():
+                node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+        except TypeError as e:
+            raise ValueError(f"override {key!r}={value!r}: wrong type ({e}).") from e
+    return config
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def load_sweep(spec: str) -> list[dict[str, Any]]:
+    """The members of the sweep file ``spec`` (``path`` or ``path:arg``)."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--sweep={spec}: no such file; expected experiments/sweeps/*.py.")
+    module_spec = importlib.util.spec_from_file_location("bsrnn_sweep", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ValueError(f"{path} defines no get_sweep(arg) returning a list of override dicts.")
+    members = module.get_sweep(arg or None)
+    if not members or not all(isinstance(m, dict) for m in members):
+        raise ValueError(f"{path}: get_sweep must return a non-empty list of dicts of overrides.")
+    return members
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "x".join(map(str, value))
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value))
+
+
+def member_name(index: int, overrides: dict[str, Any]) -> str:
+    """``03_8x8``: the index and the distinct override values, for a sub-workdir name."""
+    values = list(dict.fromkeys(_slug(v) for v in overrides.values()))
+    return "_".join([f"{index:02d}", *values])[:80]
+
+
+def _cli_value(value: Any) -> str:
+    return repr(tuple(value)) if isinstance(value, tuple | list) else str(value)
+
+
+def run_sweep(
+    config: ml_collections.ConfigDict, sweep: str, workdir: str | Path, *, workers: int = 1,
+    base_args: Sequence[str] = (),
+) -> int:
+    """Run every member of ``sweep`` on ``config``; write and print the summary table.
+
+    Args:
+      config: the base config (command-line overrides applied).
+      sweep: the sweep file, ``path[:arg]``.
+      workdir: the sweep's folder; member i runs in ``<workdir>/<member_name>``.
+      workers: members at once; above 1, each runs as ``launch.py`` in its own process
+        (``base_args`` plus its overrides), on GPU ``i mod workers`` of the visible ones.
+      base_args: the ``--config`` flags that rebuild ``config`` in a worker process.
+
+    Returns:
+      The number of failed members.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    members = []
+    for i, overrides in enumerate(load_sweep(sweep)):
+        members.append({"name": member_name(i, overrides), "overrides": overrides,
+                        "config": apply_overrides(config, overrides)})
+    todo = [m for m in members if not (workdir / m["name"] / "report.json").exists()]
+    if workers <= 1:
+        for member in todo:
+            logging.info("Sweep member %s: %s", member["name"], member["overrides"])
+            try:
+                train.train_and_evaluate(member["config"], workdir / member["name"])
+            except USER_ERRORS as e:
+                member["error"] = str(e)
+    else:
+        _run_in_processes(todo, workdir, workers, base_args)
+    summary = []
+    for member in members:
+        path = workdir / member["name"] / "report.json"
+        summary.append({
+            "name": member["name"], "overrides": member["overrides"],
+            "workdir": str(workdir / member["name"]),
+            "report": json.loads(path.read_text()) if path.exists() else None,
+            **({"error": member["error"]} if "error" in member else {}),
+        })
+    table = report.format_sweep(summary)
+    (workdir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
+    (workdir / "sweep_summary.txt").write_text(table + "\n")
+    print(f"\nsweep {sweep}: {len(members)} members in {workdir}\n{table}", flush=True)
+    return sum(m["report"] is None for m in summary)
+
+
+def _run_in_processes(
+    members: list[dict[str, Any]], workdir: Path, workers: int, base_args: Sequence[str]
+) -> None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(workers)]
+    running: dict[int, tuple[subprocess.Popen, dict[str, Any], Any]] = {}
+    queue = list(members)
+    while queue or running:
+        for slot in range(workers):
+            if slot in running or not queue:
+                continue
+            member = queue.pop(0)
+            sub = workdir / member["name"]
+            sub.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, str(LAUNCH), *base_args, f"--workdir={sub}"] + [
+                f"--config.{k}={_cli_value(v)}" for k, v in member["overrides"].items()
+            ]
+            (sub / "command.txt").write_text(" ".join(command) + "\n")
+            log = (sub / "log.txt").open("w")
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices[slot % len(devices)])
+            logging.info("Sweep member %s on device slot %d", member["name"], slot)
+            running[slot] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                              env=env), member, log)
+        for slot, (process, member, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                if process.returncode:
+                    tail = (workdir / member["name"] / "log.txt").read_text().strip()
+                    last = tail.splitlines()[-1] if tail else ""
+                    member["error"] = last or f"exit status {process.returncode}"
+                del running[slot]
+        time.sleep(0.5)

@@ -1,0 +1,236 @@
+"""The pruning methods as optax chains: ``config.method`` -> one gradient transformation.
+
+=============  =========================================================================
+method         chain (first to last)
+=============  =========================================================================
+``dense``      optimizer, ``keep_masked``
+``structural`` optimizer, ``keep_masked``; recurrent masks are P3's ``block_diagonal(G)``,
+               G = ``structure.num_modules`` (the other methods use G = 1)
+``wp``         optimizer, ``weight_prune(schedule)`` (P2)
+``bp``         optimizer, ``block_prune(schedule θ_b, block_shape, reduction)`` (P1)
+``gl``         ``group_lasso(gl_strength)``, optimizer, one ``block_prune`` cut at the end
+``glp``        ``group_lasso(glp_strength)``, optimizer, ``block_prune(schedule θ_b)`` (P1)
+=============  =========================================================================
+
+The optimizer is ``chain(clip_by_global_norm, adam | adamw | sgd)`` with an optax
+learning-rate schedule. Group lasso comes first (it adds to the gradient, like weight
+decay), pruning last (it needs the final update). With ``group_lasso.proximal`` the
+group soft-threshold (**not from P1**) runs after the optimizer instead.
+
+GL's cut: P1's GL has no pruning schedule; the regulariser drives blocks towards zero.
+To turn "near zero" into masks, GL prunes once, at the end step of the pruning schedule,
+every block whose score is below ``group_lasso.cut_threshold``.
+
+Which kernels are pruned: those that have a mask (see :mod:`bsrnn.models`) and whose
+layer type (:func:`bsrnn.pruning.default_layer_type`) is in ``prune.layer_types``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import traverse_util
+
+from bsrnn import pruning, schedules
+from bsrnn.configs import LAYER_TYPES
+
+METHODS = ("dense", "structural", "wp", "bp", "gl", "glp")
+SCHEDULES = ("cubic", "gradual")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def prunable_layer_type(
+    masks: Any, layer_types: tuple[str, ...] | list[str]
+) -> pruning.LayerTypeFn:
+    """The ``layer_type`` predicate: a kernel's type if it has a mask and its type is in
+    ``layer_types``, else ``None``.
+
+    Args:
+      masks: the model's ``masks`` collection.
+      layer_types: subset of ``("input", "recurrent", "fc")``.
+    """
+    unknown = set(layer_types) - set(LAYER_TYPES)
+    if unknown:
+        raise ValueError(
+            f"config.prune.layer_types has unknown types {sorted(unknown)}; use {LAYER_TYPES}."
+        )
+    masked = set(traverse_util.flatten_dict(masks)) if masks else set()
+    types = tuple(layer_types)
+
+    def layer_type(path: tuple[str, ...], leaf: jax.Array) -> str | None:
+        kind = pruning.default_layer_type(path, leaf)
+        return kind if tuple(path) in masked and kind in types else None
+
+    return layer_type
+
+
+def _by_type(section: Any) -> Any:
+    """A per-type ConfigDict as a plain mapping (tuples kept), anything else as it is."""
+    if isinstance(section, ml_collections.ConfigDict | Mapping):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+    return section
+
+
+def schedule_steps(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The pruning schedule's ``begin``, ``ramp`` and ``end`` steps, from the fractions."""
+    n, p = config.num_steps, config.prune
+    if not 0 <= p.begin_fraction <= p.ramp_fraction <= p.end_fraction <= 1:
+        raise ValueError(
+            "config.prune needs 0 <= begin_fraction <= ramp_fraction <= end_fraction <= 1; got "
+            f"{p.begin_fraction}, {p.ramp_fraction}, {p.end_fraction}."
+        )
+    steps = {
+        "begin": round(p.begin_fraction * n),
+        "ramp": round(p.ramp_fraction * n),
+        "end": round(p.end_fraction * n),
+    }
+    if steps["begin"] >= steps["end"]:
+        raise ValueError(
+            f"the pruning schedule is empty: begin step {steps['begin']} >= end step "
+            f"{steps['end']} (num_steps={n}); widen config.prune.begin_fraction..end_fraction "
+            "or train longer."
+        )
+    return steps
+
+
+def pruning_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Schedule]:
+    """One schedule per layer type in ``prune.layer_types`` (θ_b-scaled for blocks)."""
+    p, steps = config.prune, schedule_steps(config)
+    if p.schedule not in SCHEDULES:
+        raise ValueError(f"config.prune.schedule={p.schedule!r}; choose one of {SCHEDULES}.")
+    result = {}
+    for kind in p.layer_types:
+        if p.schedule == "cubic":
+            result[kind] = schedules.CubicSparsity(
+                p.sparsity[kind], steps["begin"], steps["end"], p.freq
+            )
+            continue
+        if p.q[kind] <= 0:
+            raise ValueError(
+                f"config.prune.q.{kind}={p.q[kind]}: the gradual schedule needs P2's q, the 90th "
+                "percentile |w| of a trained dense model (a dense run's report.json lists it "
+                "under weight_percentile_90); or use config.prune.schedule='cubic'."
+            )
+        threshold = schedules.GradualThreshold.from_quantile(
+            p.q[kind], steps["begin"], steps["ramp"], steps["end"], p.freq, p.ramp_ratio
+        )
+        block_shape = (1, 1) if config.method == "wp" else tuple(p.block_shape[kind])
+        result[kind] = threshold.scaled_for_block(block_shape)
+    return result
+
+
+def _gl_cut(config: ml_collections.ConfigDict) -> schedules.GradualThreshold:
+    """A schedule that prunes once, at the end step, with ε = ``cut_threshold``.
+
+    With start_itr = ramp_itr = e − 1, end_itr = e + 1, freq 1 and both slopes c/3, P2's
+    Algorithm 1 has exactly one update step, e, where ε = c/3·1 + c/3·2 = c.
+    """
+    end = max(schedule_steps(config)["end"], 1)
+    slope = config.group_lasso.cut_threshold / 3
+    return schedules.GradualThreshold(end - 1, end - 1, end + 1, slope, slope, freq=1)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """``optimizer.schedule`` over ``num_steps``: linear warm-up to ``learning_rate``, then
+    constant, cosine or linear decay to ``final_lr_fraction · learning_rate``."""
+    o, n = config.optimizer, config.num_steps
+    if o.schedule not in LR_SCHEDULES:
+        raise ValueError(f"config.optimizer.schedule={o.schedule!r}; choose one of {LR_SCHEDULES}.")
+    warmup = min(o.warmup_steps, n)
+    end_value = o.learning_rate * o.final_lr_fraction
+    if o.schedule == "constant":
+        after = optax.constant_schedule(o.learning_rate)
+    elif o.schedule == "cosine":
+        after = optax.cosine_decay_schedule(o.learning_rate, max(n - warmup, 1),
+                                            alpha=o.final_lr_fraction)
+    else:
+        after = optax.linear_schedule(o.learning_rate, end_value, max(n - warmup, 1))
+    if warmup == 0:
+        return after
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, o.learning_rate, warmup), after], [warmup]
+    )
+
+
+def _optimizer(
+    config: ml_collections.ConfigDict, lr: optax.Schedule
+) -> optax.GradientTransformation:
+    o = config.optimizer
+    if o.name not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer.name={o.name!r}; choose one of {OPTIMIZERS}.")
+    if o.name == "adam":
+        opt = optax.adam(lr)
+    elif o.name == "adamw":
+        opt = optax.adamw(lr, weight_decay=o.weight_decay)
+    else:
+        opt = optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov)
+    clip = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    return optax.chain(*clip, opt)
+
+
+def check_method(config: ml_collections.ConfigDict) -> None:
+    """Raise ``ValueError`` unless ``config.method`` is known and its section fits."""
+    if config.method not in METHODS:
+        raise ValueError(f"config.method={config.method!r}; choose one of {METHODS}.")
+    if config.method == "structural" and config.structure.num_modules < 2:
+        raise ValueError(
+            "config.method='structural' needs config.structure.num_modules >= 2 (P3's G "
+            f"block-diagonal recurrent modules); got {config.structure.num_modules}."
+        )
+
+
+def recurrent_modules(config: ml_collections.ConfigDict) -> int:
+    """P3's G for the model: ``structure.num_modules`` for ``structural``, else 1 (dense)."""
+    return config.structure.num_modules if config.method == "structural" else 1
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, masks: Any
+) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+    """The chain of ``config.method`` (see the module docstring) and its learning rate.
+
+    Args:
+      config: a full experiment config (``method``, ``prune``, ``group_lasso``,
+        ``structure``, ``optimizer``, ``num_steps``).
+      masks: the model's ``masks`` collection, which says which kernels are prunable.
+
+    Returns:
+      The transformation (``update`` takes ``params`` and ``masks=``) and the learning-rate
+      schedule (step -> float), for logging.
+    """
+    check_method(config)
+    lr = learning_rate_schedule(config)
+    optimizer = _optimizer(config, lr)
+    p, gl, method = config.prune, config.group_lasso, config.method
+    layer_type = prunable_layer_type(masks, p.layer_types)
+    block_shape = {k: tuple(v) for k, v in _by_type(p.block_shape).items()}
+    reduction = _by_type(p.reduction)
+    if p.mode not in pruning.MODES:
+        raise ValueError(f"config.prune.mode={p.mode!r}; choose one of {pruning.MODES}.")
+
+    if method in ("dense", "structural"):
+        return optax.chain(optimizer, pruning.keep_masked()), lr
+    if method == "wp":
+        return optax.chain(
+            optimizer, pruning.weight_prune(pruning_schedules(config), mode=p.mode,
+                                            layer_type=layer_type)
+        ), lr
+    strength = _by_type(gl.gl_strength if method == "gl" else gl.glp_strength)
+    if method == "gl":
+        schedule = {kind: _gl_cut(config) for kind in p.layer_types}
+    else:
+        schedule = pruning_schedules(config)
+    prune = pruning.block_prune(schedule, block_shape, reduction, mode=p.mode,
+                                layer_type=layer_type)
+    if method == "bp":
+        return optax.chain(optimizer, prune), lr
+    if gl.proximal:
+        regulariser = pruning.group_lasso_prox(strength, lr, block_shape, layer_type=layer_type)
+        return optax.chain(optimizer, regulariser, prune), lr
+    regulariser = pruning.group_lasso(strength, block_shape, layer_type=layer_type)
+    return optax.chain(regulariser, optimizer, prune), lr

@@ -1,0 +1,20 @@
+"""Train, prune, evaluate and report one config, or a sweep of them.
+
+  python launch.py --workdir=/tmp/w                  # experiments/configs/shakespeare_gru.py
+  python launch.py --config=experiments/configs/ptb_word.py:lstm --workdir=/tmp/ptb
+  python launch.py --workdir=/tmp/w --config.method=glp --config.num_steps=500
+  python launch.py --sweep=experiments/sweeps/block_sizes.py --workdir=/tmp/sweep
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bsrnn import launcher
+
+config_flags.DEFINE_config_file("config", launcher.DEFAULT_CONFIG, "Experiment config file.")
+flags.DEFINE_string("workdir", None, "Checkpoints, logs and report.json go here.", required=True)
+flags.DEFINE_string("sweep", None, "Sweep file (experiments/sweeps): one sub-workdir per member.")
+flags.DEFINE_integer("sweep_workers", 1, "Sweep members run at once, one process per device.")
+
+if __name__ == "__main__":
+    app.run(lambda argv: launcher.main(flags.FLAGS), flags_parser=launcher.parse_flags)
