@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import itertools
 import json
+import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -56,8 +60,11 @@ def block_mask(rng, shape, block_shape, sparsity):
     return np.kron(keep.reshape(grid), np.ones(block_shape, bool))[: shape[0], : shape[1]]
 
 
-def chained(op, reps):
-    """jit of xs (R, ...) -> R outputs of op(xs[i]), serialised by optimization barriers."""
+def chained(op, reps, label="op"):
+    """jit of xs (R, ...) -> R outputs of op(xs[i]), serialised by optimization barriers.
+
+    The XLA module is named `jit_run_<label>`, so that a profile can find its kernels.
+    """
 
     def run(xs, *args):
         outs, prev = [], None
@@ -67,6 +74,7 @@ def chained(op, reps):
             outs.append(prev)
         return outs
 
+    run.__name__ = f"run_{label}__"
     return jax.jit(run)
 
 
@@ -80,6 +88,71 @@ def time_jax(fn, args, reps, calls):
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) / reps * 1e6
+
+
+def _stat(event, key):
+    for name, value in event.stats:
+        if name == key:
+            return value
+    return None
+
+
+def profile_jax(jobs, calls, dump=False):
+    """Device (kernel) time per op of several jitted jobs, from one profiler trace.
+
+    Args:
+      jobs: {label: (fn, args, reps)}, each fn already compiled and warm; fn's XLA module
+        name must contain `label`.
+      calls: calls of each fn inside the trace.
+
+    Returns:
+      {label: µs}: median over calls of the summed durations of the GPU kernels that the
+      call's module ran, divided by reps (kernel time only: launch gaps are not counted).
+      Empty when the trace holds no GPU kernels (then callers fall back to wall time).
+    """
+    from jax.profiler import ProfileData
+
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    try:
+        for fn, args, _ in jobs.values():
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+    finally:
+        jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    planes = [p for f in files for p in ProfileData.from_file(f).planes]
+    shutil.rmtree(d, ignore_errors=True)
+    gpu = [p for p in planes if p.name.startswith("/device:GPU")]
+    if not gpu:
+        return {}
+    kernels = []  # (start_ns, duration_ns, module, run_id)
+    for line in gpu[0].lines:
+        if dump:
+            evs = list(line.events)
+            print(f"  [trace] line {line.name!r}: {len(evs)} events", flush=True)
+            for e in evs[:2]:
+                print(f"  [trace]   {e.name[:80]!r} {e.duration_ns} {list(e.stats)[:12]}")
+        if not line.name.startswith("Stream"):
+            continue
+        for e in line.events:
+            module = _stat(e, "hlo_module") or ""
+            kernels.append((e.start_ns, e.duration_ns, str(module), _stat(e, "run_id")))
+    out = {}
+    for label, (_, _, reps) in jobs.items():
+        mine = sorted(k for k in kernels if f"run_{label}__" in k[2])
+        if not mine:
+            continue
+        runs = {}
+        if all(k[3] is not None for k in mine):
+            for k in mine:
+                runs.setdefault(k[3], []).append(k[1])
+            per_call = [sum(v) for v in runs.values()]
+        else:  # no run ids: every call runs the same number of kernels, in order
+            size = len(mine) // calls
+            per_call = [sum(k[1] for k in mine[i * size : (i + 1) * size]) for i in range(calls)]
+        out[label] = statistics.median(per_call) / reps / 1e3
+    return out
 
 
 def rel_err(y, ref):
@@ -103,7 +176,12 @@ class Bench:
         print(
             f"  {rec['matrix']:8s} {rec['dtype']:8s} {rec['block']:6s} N={rec['n']:<4d} "
             f"{rec['method']:14s} "
-            + (f"{us:9.2f} us  err {rec['err']:.1e}" if us is not None else rec.get("error", "")),
+            + (
+                f"{us:9.2f} us  err {rec['err']:.1e} ({rec.get('timing')}; "
+                f"wall {rec.get('wall_us', float('nan')):.2f})"
+                if us is not None
+                else rec.get("error", "")
+            ),
             flush=True,
         )
 
@@ -138,22 +216,25 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
 
         kt = sparse.BCSR.fromdense(kd.T, nse=int(np.count_nonzero(k_masked)))
         methods["bcsr"] = (lambda x, kt: (kt @ x.T).T, (kt,), 4)
-    results = {}
+    recs, jobs = {}, {}
     for method, (op, extra, reps) in methods.items():
         rec = dict(matrix=name, dtype=jnp.dtype(dtype).name, block=block, n=n, method=method)
         try:
-            fn = chained(op, reps)
+            fn = chained(op, reps, method)
             err = rel_err(fn(xs[:reps], *extra)[0], ref)
-            us = time_jax(fn, (xs[:reps], *extra), reps, a.calls)
-            results[method] = us
-            bench.add(**rec, us=us, err=err, ratio=None)
+            wall = time_jax(fn, (xs[:reps], *extra), reps, a.calls)
+            recs[method] = dict(rec, us=wall, wall_us=wall, err=err, timing="wall")
+            jobs[method] = (fn, (xs[:reps], *extra), reps)
         except Exception as e:  # noqa: BLE001  (record and carry on: one run, many methods)
-            bench.add(**rec, us=None, error=f"{type(e).__name__}: {str(e)[:300]}")
-    dense = results.get("dense")
-    for r in bench.records[-len(methods) :]:
-        if r.get("us") and dense:
-            r["ratio"] = dense / r["us"]
-    return results
+            recs[method] = dict(rec, us=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+    if a.mode == "gpu" and jobs:
+        for method, us in profile_jax(jobs, a.calls_profile).items():
+            recs[method].update(us=us, timing="kernel")
+    dense = recs["dense"].get("us")
+    for rec in recs.values():
+        if rec.get("us") and dense:
+            rec["ratio"] = dense / rec["us"]
+        bench.add(**rec)
 
 
 def torch_methods(bench, name, k_masked, dtype_name, n, block, seed):
@@ -225,10 +306,15 @@ def torch_methods(bench, name, k_masked, dtype_name, n, block, seed):
     return results
 
 
+def _cfg_name(cfg):
+    return f"w{cfg[0]}_r{cfg[1]}_s{cfg[2]}"
+
+
 def tune_pallas(bench):
-    """Sweeps Pallas launch parameters on a few fp16 cases; returns {cfg: [time / best]}."""
+    """Sweeps Pallas launch parameters (num_warps, rows_per_step, num_stages) on a few fp16
+    cases; returns {cfg: [time / best time of the case, per case]}."""
     rng = np.random.default_rng(7)
-    reps, calls = bench.args.reps, bench.args.calls
+    reps = bench.args.reps
     scores = {}
     cases = (
         ("gru2560", 4, 1),
@@ -238,26 +324,36 @@ def tune_pallas(bench):
         ("rnn1760", 32, 8),
     )
     for name, b, n in cases:
+        if bench.out_of_time():
+            break
         n_in, n_out, sp = MATRICES[name]
         k = rng.standard_normal((n_in, n_out)).astype(np.float32) / np.sqrt(n_in)
         mask = block_mask(rng, (n_in, n_out), (b, b), sp)
         w = jax.tree.map(jnp.asarray, from_dense(k, mask, (b, b), dtype=jnp.float16))
         xs = jax.random.normal(jax.random.key(n), (reps, n, n_in), jnp.float16)
-        row = {}
-        for cfg in itertools.product((1, 2, 4), (64, 128, 256)):
-            if bench.out_of_time():
-                return scores
-            kw = dict(num_warps=cfg[0], rows_per_step=cfg[1])
-            op = functools.partial(bsc_matmul_pallas, **kw)
+        jobs = {}
+        for cfg in itertools.product((2, 4), (64, 128, 256), (1, 3)):
+            kw = dict(num_warps=cfg[0], rows_per_step=cfg[1], num_stages=cfg[2])
+            fn = chained(functools.partial(bsc_matmul_pallas, **kw), reps, _cfg_name(cfg))
             try:
-                row[cfg] = time_jax(chained(op, reps), (xs, w), reps, calls)
+                jax.block_until_ready(fn(xs, w))
+                jobs[cfg] = (fn, (xs, w), reps)
             except Exception as e:  # noqa: BLE001
                 print(f"  tune {kw}: {type(e).__name__}: {str(e)[:200]}")
+        times = profile_jax(
+            {_cfg_name(c): job for c, job in jobs.items()},
+            bench.args.calls_profile,
+            dump=not scores,
+        )
+        if times:
+            row = {c: times[_cfg_name(c)] for c in jobs if _cfg_name(c) in times}
+        else:
+            row = {c: time_jax(*job, bench.args.calls) for c, job in jobs.items()}
         if not row:
             continue
         print(
             f"  tune {name} {b}x{b} N={n}: "
-            + " ".join(f"w{c[0]}/r{c[1]}={us:.2f}" for c, us in row.items()),
+            + " ".join(f"{_cfg_name(c)}={us:.2f}" for c, us in row.items()),
             flush=True,
         )
         for cfg, us in row.items():
@@ -268,7 +364,7 @@ def tune_pallas(bench):
                 matrix=name,
                 block=f"{b}x{b}",
                 n=n,
-                us={f"w{c[0]}_r{c[1]}": v for c, v in row.items()},
+                us={_cfg_name(c): v for c, v in row.items()},
             )
         )
     return scores
@@ -322,6 +418,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=0, help="ops per jitted call (0: per mode)")
     p.add_argument("--reps_xla", type=int, default=0)
     p.add_argument("--calls", type=int, default=0)
+    p.add_argument("--calls_profile", type=int, default=5)
     p.add_argument("--budget_s", type=float, default=480.0)
     p.add_argument("--tune", action="store_true", help="sweep Pallas launch parameters first")
     p.add_argument("--blocks", default="")
@@ -369,10 +466,12 @@ def main(argv=None):
         if best:
             cfg = min(best, key=lambda c: statistics.mean(best[c]))
             print(
-                f"  tune: best mean-normalised config num_warps={cfg[0]} rows_per_step={cfg[1]}",
+                f"  tune: best mean-normalised config {_cfg_name(cfg)}",
                 flush=True,
             )
-            pallas_cfgs["pallas_tuned"] = dict(num_warps=cfg[0], rows_per_step=cfg[1])
+            pallas_cfgs["pallas_tuned"] = dict(
+                num_warps=cfg[0], rows_per_step=cfg[1], num_stages=cfg[2]
+            )
             bench.meta["pallas_tuned"] = pallas_cfgs["pallas_tuned"]
         bench.save()
 
