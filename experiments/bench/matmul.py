@@ -61,7 +61,8 @@ def block_mask(rng, shape, block_shape, sparsity):
 
 
 def chained(op, reps, label="op"):
-    """jit of xs (R, ...) -> R outputs of op(xs[i]), serialised by optimization barriers.
+    """jit of xs (a list of R arrays) -> R outputs of op(xs[i]), serialised by optimization
+    barriers (so that XLA neither merges nor reorders them).
 
     The XLA module is named `jit_run_<label>`, so that a profile can find its kernels.
     """
@@ -106,9 +107,10 @@ def profile_jax(jobs, calls, dump=False):
       calls: calls of each fn inside the trace.
 
     Returns:
-      {label: µs}: median over calls of the summed durations of the GPU kernels that the
-      call's module ran, divided by reps (kernel time only: launch gaps are not counted).
-      Empty when the trace holds no GPU kernels (then callers fall back to wall time).
+      {label: (µs, kernels)}: the summed durations of the GPU kernels that the label's
+      module ran, over calls * reps (kernel time only: launch gaps and copies are not
+      counted), and the kernel launches per op. Empty when the trace holds no GPU kernels
+      (then callers fall back to wall time).
     """
     from jax.profiler import ProfileData
 
@@ -126,7 +128,7 @@ def profile_jax(jobs, calls, dump=False):
     gpu = [p for p in planes if p.name.startswith("/device:GPU")]
     if not gpu:
         return {}
-    kernels = []  # (start_ns, duration_ns, module, run_id)
+    kernels = {}  # module name -> [kernel durations (ns)]
     for line in gpu[0].lines:
         if dump:
             evs = list(line.events)
@@ -136,22 +138,15 @@ def profile_jax(jobs, calls, dump=False):
         if not line.name.startswith("Stream"):
             continue
         for e in line.events:
-            module = _stat(e, "hlo_module") or ""
-            kernels.append((e.start_ns, e.duration_ns, str(module), _stat(e, "run_id")))
+            if e.name.startswith(("Memcpy", "Memset")):
+                continue
+            module = str(_stat(e, "hlo_module") or "").rstrip("_")
+            kernels.setdefault(module, []).append(e.duration_ns)
     out = {}
     for label, (_, _, reps) in jobs.items():
-        mine = sorted(k for k in kernels if f"run_{label}__" in k[2])
-        if not mine:
-            continue
-        runs = {}
-        if all(k[3] is not None for k in mine):
-            for k in mine:
-                runs.setdefault(k[3], []).append(k[1])
-            per_call = [sum(v) for v in runs.values()]
-        else:  # no run ids: every call runs the same number of kernels, in order
-            size = len(mine) // calls
-            per_call = [sum(k[1] for k in mine[i * size : (i + 1) * size]) for i in range(calls)]
-        out[label] = statistics.median(per_call) / reps / 1e3
+        durations = kernels.get(f"jit_run_{label}")
+        if durations:
+            out[label] = (sum(durations) / (calls * reps) / 1e3, len(durations) / (calls * reps))
     return out
 
 
@@ -198,7 +193,7 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
     kd = jnp.asarray(k_masked, dtype)
     wd = jax.tree.map(jnp.asarray, w)
     k32 = jnp.asarray(jnp.asarray(k_masked, dtype), jnp.float32)
-    xs = jax.random.normal(key, (a.reps, n, n_in), jnp.float32).astype(dtype)
+    xs = list(jax.random.normal(key, (a.reps, n, n_in), jnp.float32).astype(dtype))
     # Check on the first timed input: the fp32 product on the same rounded operands.
     ref = jnp.dot(xs[0].astype(jnp.float32), k32, precision=jax.lax.Precision.HIGHEST)
     methods = {
@@ -228,8 +223,8 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
         except Exception as e:  # noqa: BLE001  (record and carry on: one run, many methods)
             recs[method] = dict(rec, us=None, error=f"{type(e).__name__}: {str(e)[:300]}")
     if a.mode == "gpu" and jobs:
-        for method, us in profile_jax(jobs, a.calls_profile).items():
-            recs[method].update(us=us, timing="kernel")
+        for method, (us, launches) in profile_jax(jobs, a.calls_profile).items():
+            recs[method].update(us=us, timing="kernel", kernels_per_op=launches)
     dense = recs["dense"].get("us")
     for rec in recs.values():
         if rec.get("us") and dense:
@@ -330,7 +325,7 @@ def tune_pallas(bench):
         k = rng.standard_normal((n_in, n_out)).astype(np.float32) / np.sqrt(n_in)
         mask = block_mask(rng, (n_in, n_out), (b, b), sp)
         w = jax.tree.map(jnp.asarray, from_dense(k, mask, (b, b), dtype=jnp.float16))
-        xs = jax.random.normal(jax.random.key(n), (reps, n, n_in), jnp.float16)
+        xs = list(jax.random.normal(jax.random.key(n), (reps, n, n_in), jnp.float16))
         jobs = {}
         for cfg in itertools.product((2, 4), (64, 128, 256), (1, 3)):
             kw = dict(num_warps=cfg[0], rows_per_step=cfg[1], num_stages=cfg[2])
@@ -346,7 +341,7 @@ def tune_pallas(bench):
             dump=not scores,
         )
         if times:
-            row = {c: times[_cfg_name(c)] for c in jobs if _cfg_name(c) in times}
+            row = {c: times[_cfg_name(c)][0] for c in jobs if _cfg_name(c) in times}
         else:
             row = {c: time_jax(*job, bench.args.calls) for c, job in jobs.items()}
         if not row:
