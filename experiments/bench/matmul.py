@@ -424,7 +424,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     gpu = a.mode == "gpu"
     a.reps = a.reps or (48 if gpu else 8)
-    a.reps_xla = a.reps_xla or (16 if gpu else 8)
+    a.reps_xla = min(a.reps_xla or (16 if gpu else 8), a.reps)
     a.calls = a.calls or (30 if gpu else 40)
     blocks = a.blocks or ("1x1,4x4,8x8,16x16,32x32,12x2" if gpu else "4x4,8x8,16x16,32x32")
     blocks = [tuple(int(s) for s in b.split("x")) for b in blocks.split(",")]
