@@ -59,13 +59,25 @@ def test_pallas_interpret_matches_dense_float32(shape, block_shape, n):
     assert _rel_err(y, _ref(x, k, mask)) < 1e-6
 
 
-def test_pallas_several_row_tiles_and_short_steps():
-    # N = 20 with 16-row tiles: two row tiles, the second partial; 16 panel rows per step
-    # with 12x2 blocks, so blocks straddle loop steps.
+@pytest.mark.parametrize(
+    "compute, transpose_x, n, rows_per_step",
+    [("dot", False, 20, 16), ("dot", True, 20, 16), ("fma", False, 5, 8), ("fma", True, 3, 32)],
+)
+def test_pallas_paths_row_tiles_and_short_steps(compute, transpose_x, n, rows_per_step):
+    # 12x2 blocks with few panel rows per step, so blocks straddle loop steps; for "dot",
+    # N = 20 with 16-row tiles gives two row tiles, the second partial.
     rng, k, mask = _case(2, (61, 26), (12, 2), density=0.6)
     w = from_dense(k, mask, (12, 2))
-    x = rng.standard_normal((20, 61)).astype(np.float32)
-    y = kernels.bsc_matmul_pallas(jnp.asarray(x), w, interpret=True, max_tm=16, rows_per_step=16)
+    x = rng.standard_normal((n, 61)).astype(np.float32)
+    y = kernels.bsc_matmul_pallas(
+        jnp.asarray(x),
+        w,
+        interpret=True,
+        compute=compute,
+        transpose_x=transpose_x,
+        max_tm=16,
+        rows_per_step=rows_per_step,
+    )
     assert _rel_err(y, _ref(x, k, mask)) < 1e-6
 
 
@@ -116,3 +128,5 @@ def test_dispatch_and_errors():
         kernels.bsc_matmul(x, w, impl="cusparse")
     with pytest.raises(ValueError, match="expects 16"):
         kernels.bsc_matmul(x[:, :15], w, impl="xla")
+    with pytest.raises(ValueError, match="N <= 8"):
+        kernels.bsc_matmul_pallas(jnp.ones((9, 16)), w, interpret=True, compute="fma")

@@ -4,19 +4,31 @@ One program per (block column j, tile of TM rows of x). Block column j's stored 
 are contiguous in `values` (BSC order), so viewed as a 2-D array of shape (nnzb*bh, bw)
 they form a panel of rows col_ptr[j]*bh : col_ptr[j+1]*bh whose panel row r multiplies
 input feature row_indices[r // bh]*bh + r % bh. The program walks its panel R rows at a
-time: it gathers the matching (TM, R) slice of x, loads the (R, bw) slice of the panel
-(zero-padded to 16 columns so that the tensor-core dot has legal shapes) and accumulates
-in float32; then it writes its (TM, bw) output tile. No atomics, no second pass, and the
-weight bytes read are those of the stored blocks only.
+time: it gathers the matching (TM, R) slice of x, loads the (R, bw) slice of the panel,
+accumulates in float32, and finally writes its (TM, bw) output tile. No atomics, no
+second pass, and the weight bytes read are those of the stored blocks only.
+
+Two ways to accumulate, picked from N (the rows of x):
+
+- "fma" (N <= 8): elementwise products into a (TM, R, bw) float32 accumulator, summed
+  over R once after the loop. No tensor-core layout shuffles, no padding of N or bw;
+  best when each program has little work (small N, small blocks).
+- "dot" (N > 8): a tensor-core dot per step, with the tile of x padded to >= 16 rows and
+  the panel slice to >= 16 columns (masked loads, so no extra bytes move).
+
+`transpose_x=True` gathers from x^T (in, N) instead of x (N, in): each panel row then reads
+N contiguous values of x instead of N values one row apart, at the price of one XLA
+transpose before the kernel.
 
 Triton needs power-of-two tile sides, so any bh (12 for 12x2 blocks) is handled through
-the flat panel rows, and bw through masked loads into a 16-or-wider tile. Runs on the CPU
-with `interpret=True` (slow; for tests).
+the flat panel rows, and bw through masked loads into a power-of-two tile. Runs on the
+CPU with `interpret=True` (slow; for tests).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +36,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bsrnn.export import BlockSparseMatrix
+
+_FMA_MAX_N = 8
+_FMA_ACC_ELEMENTS = 8192  # TM * R * bw_pad of the "fma" accumulator
 
 
 def _next_pow2(n: int) -> int:
@@ -45,6 +60,8 @@ def _kernel(
     bw_pad: int,
     tm: int,
     rows_per_step: int,
+    compute: str,
+    x_transposed: bool,
     precision,
 ):
     j = pl.program_id(0)
@@ -62,19 +79,24 @@ def _kernel(
         block_row = plgpu.load(row_idx_ref.at[r // bh], mask=r_ok, other=0)
         feat = block_row * bh + r % bh
         x_ok = m_ok[:, None] & (r_ok & (feat < n_in))[None, :]
-        xg = plgpu.load(x_ref.at[m[:, None], feat[None, :]], mask=x_ok, other=0)
+        if x_transposed:
+            x_at = x_ref.at[feat[None, :], m[:, None]]
+        else:
+            x_at = x_ref.at[m[:, None], feat[None, :]]
+        xg = plgpu.load(x_at, mask=x_ok, other=0).astype(dtype)  # (tm, R)
         wv = plgpu.load(
             panel_ref.at[r[:, None], c[None, :]], mask=r_ok[:, None] & c_ok[None, :], other=0
-        )
-        return acc + jnp.dot(
-            xg.astype(dtype),
-            wv.astype(dtype),
-            preferred_element_type=jnp.float32,
-            precision=precision,
-        )
+        ).astype(dtype)  # (R, bw_pad)
+        if compute == "fma":
+            return acc + xg.astype(jnp.float32)[:, :, None] * wv.astype(jnp.float32)[None]
+        return acc + jnp.dot(xg, wv, preferred_element_type=jnp.float32, precision=precision)
 
     n_steps = (stop - start + rows_per_step - 1) // rows_per_step
-    acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((tm, bw_pad), jnp.float32))
+    if compute == "fma":
+        acc = jnp.zeros((tm, rows_per_step, bw_pad), jnp.float32)
+        acc = jax.lax.fori_loop(0, n_steps, step, acc).sum(axis=1)
+    else:
+        acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((tm, bw_pad), jnp.float32))
     out_col = j * bw + c
     plgpu.store(
         o_ref.at[m[:, None], out_col[None, :]],
@@ -84,13 +106,24 @@ def _kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("interpret", "rows_per_step", "max_tm", "num_warps", "num_stages")
+    jax.jit,
+    static_argnames=(
+        "interpret",
+        "compute",
+        "transpose_x",
+        "rows_per_step",
+        "max_tm",
+        "num_warps",
+        "num_stages",
+    ),
 )
 def bsc_matmul_pallas(
     x: jax.Array,
     w: BlockSparseMatrix,
     *,
     interpret: bool = False,
+    compute: Literal["fma", "dot"] | None = None,
+    transpose_x: bool = False,
     rows_per_step: int | None = None,
     max_tm: int = 64,
     num_warps: int | None = None,
@@ -103,10 +136,14 @@ def bsc_matmul_pallas(
         up to `max_tm` rows), 1 to 256 is the intended range.
       w: block-sparse K of shape (in_features, out_features).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
-      rows_per_step: panel rows (power of two, >= 16) per loop step; default picks
-        from the block shape.
-      max_tm: largest tile of x rows per program (power of two, >= 16).
-      num_warps, num_stages: Triton launch parameters (default: Triton's).
+      compute: "fma" (elementwise products, N <= 8 only) or "dot" (tensor cores); default
+        "fma" for N <= 8, else "dot".
+      transpose_x: gather from x^T (one extra XLA transpose; coalesced gathers).
+      rows_per_step: panel rows per loop step (power of two; >= 16 for "dot"); default
+        128 for "dot", the most that fits 8192 accumulator entries (<= 256) for "fma".
+      max_tm: largest tile of x rows per program for "dot" (power of two, >= 16).
+      num_warps, num_stages: Triton launch parameters; default 4 warps, and 3 stages for
+        "dot", 1 for "fma".
 
     Returns:
       (..., out_features) in the promoted dtype of x and the block values, accumulated in
@@ -122,9 +159,19 @@ def bsc_matmul_pallas(
     n = x2.shape[0]
     if w.nnzb == 0 or n == 0:
         return jnp.zeros((*lead, n_out), dtype)
-    tm = min(max(16, _next_pow2(n)), max_tm)
-    if rows_per_step is None:
-        rows_per_step = 64 if bw <= 16 else 32
+    compute = compute or ("fma" if n <= _FMA_MAX_N else "dot")
+    if compute == "fma":
+        if n > _FMA_MAX_N:
+            raise ValueError(f'compute="fma" takes N <= {_FMA_MAX_N} rows of x, got {n}')
+        tm, bw_pad = _next_pow2(n), _next_pow2(bw)
+        rows_per_step = rows_per_step or min(256, max(1, _FMA_ACC_ELEMENTS // (tm * bw_pad)))
+        num_stages = num_stages or 1
+    elif compute == "dot":
+        tm, bw_pad = min(max(16, _next_pow2(n)), max_tm), max(16, _next_pow2(bw))
+        rows_per_step = rows_per_step or 128
+        num_stages = num_stages or 3
+    else:
+        raise ValueError(f'compute must be "fma" or "dot", got {compute!r}')
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel,
@@ -133,9 +180,11 @@ def bsc_matmul_pallas(
         n_out=n_out,
         bh=bh,
         bw=bw,
-        bw_pad=max(16, _next_pow2(bw)),
+        bw_pad=bw_pad,
         tm=tm,
         rows_per_step=rows_per_step,
+        compute=compute,
+        x_transposed=transpose_x,
         precision=precision,
     )
     y = pl.pallas_call(
@@ -143,12 +192,12 @@ def bsc_matmul_pallas(
         out_shape=jax.ShapeDtypeStruct((n, n_out), dtype),
         grid=(nbc, pl.cdiv(n, tm)),
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages),
         name=f"bsc_matmul_{bh}x{bw}",
     )(
         jnp.asarray(w.col_ptr),
         jnp.asarray(w.row_indices),
         jnp.asarray(w.values).reshape(w.nnzb * bh, bw),
-        x2,
+        x2.T if transpose_x else x2,
     )
     return y.reshape(*lead, n_out)

@@ -210,7 +210,7 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
         from jax.experimental import sparse
 
         kt = sparse.BCSR.fromdense(kd.T, nse=int(np.count_nonzero(k_masked)))
-        methods["bcsr"] = (lambda x, kt: (kt @ x.T).T, (kt,), 4)
+        methods["bcsr"] = (lambda x, kt: (kt @ x.T).T, (kt,), 2)
     recs, jobs = {}, {}
     for method, (op, extra, reps) in methods.items():
         rec = dict(matrix=name, dtype=jnp.dtype(dtype).name, block=block, n=n, method=method)
@@ -417,15 +417,16 @@ def main(argv=None):
     p.add_argument("--budget_s", type=float, default=480.0)
     p.add_argument("--tune", action="store_true", help="sweep Pallas launch parameters first")
     p.add_argument("--blocks", default="")
+    p.add_argument("--fp32_blocks", default="1x1,4x4,8x8,16x16,32x32", help="GPU mode")
     p.add_argument("--dtypes", default="")
     p.add_argument("--ns", default="")
     p.add_argument("--matrices", default="")
     p.add_argument("--markdown", default="", help="also write the tables to this file")
     a = p.parse_args(argv)
     gpu = a.mode == "gpu"
-    a.reps = a.reps or (48 if gpu else 8)
+    a.reps = a.reps or (16 if gpu else 8)
     a.reps_xla = min(a.reps_xla or (16 if gpu else 8), a.reps)
-    a.calls = a.calls or (30 if gpu else 40)
+    a.calls = a.calls or (10 if gpu else 40)
     blocks = a.blocks or ("1x1,4x4,8x8,16x16,32x32,12x2" if gpu else "4x4,8x8,16x16,32x32")
     blocks = [tuple(int(s) for s in b.split("x")) for b in blocks.split(",")]
     dtypes = (a.dtypes or ("float16,float32" if gpu else "float32")).split(",")
@@ -455,7 +456,15 @@ def main(argv=None):
             bench.meta["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(bench.meta), flush=True)
 
-    pallas_cfgs = {"pallas": {}} if gpu else {}
+    # "pallas": the defaults ("fma" for N <= 8, else "dot"); "pallas_xt": the same gathering
+    # from x^T; "pallas_dot": tensor-core dots at every N (64 panel rows per step).
+    pallas_cfgs = {}
+    if gpu:
+        pallas_cfgs = {
+            "pallas": {},
+            "pallas_xt": {"transpose_x": True},
+            "pallas_dot": {"compute": "dot", "rows_per_step": 64},
+        }
     if gpu and a.tune:
         best = tune_pallas(bench)
         if best:
@@ -478,6 +487,8 @@ def main(argv=None):
             k = rng.standard_normal((n_in, n_out)).astype(np.float32) / np.sqrt(n_in)
             for bs in blocks:
                 block = f"{bs[0]}x{bs[1]}"
+                if gpu and dtype_name == "float32" and block not in a.fp32_blocks.split(","):
+                    continue
                 mask = block_mask(rng, (n_in, n_out), bs, sp)
                 k_masked = k * mask
                 w: BlockSparseMatrix = from_dense(k, mask, bs, dtype=dtype)
@@ -495,7 +506,7 @@ def main(argv=None):
                         n,
                         block,
                         key,
-                        with_bcsr=gpu and block == "4x4",
+                        with_bcsr=gpu and block == "4x4" and n in (1, 32),
                         pallas_cfgs=pallas_cfgs,
                     )
                     if gpu:
