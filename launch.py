@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 from bsrnn import launcher
 
-config_flags.DEFINE_config_file("config", launcher.DEFAULT_CONFIG, "Experiment config file.")
+config_flags.DEFINE_config_file("config", None, f"Config file; default {launcher.DEFAULT_CONFIG}.")
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and report.json go here.", required=True)
 flags.DEFINE_string("sweep", None, "Sweep file (experiments/sweeps): one sub-workdir per member.")
 flags.DEFINE_integer("sweep_workers", 1, "Sweep members run at once, one process per device.")

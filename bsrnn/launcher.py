@@ -43,22 +43,35 @@ USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, train.Checkpoi
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with unknown config keys reported by name instead of a traceback.
 
-    Wrong types are already reported by absl (``flag --config.num_steps=abc: invalid
-    literal for int()``).
+    Without ``--config`` the default config (:data:`DEFAULT_CONFIG`) is used. Wrong types are
+    already reported by absl (``flag --config.num_steps=abc: invalid literal for int()``).
     """
+    if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    for a in argv[1:]:
+        path = a.removeprefix("--config=").split(":")[0]
+        if a.startswith("--config=") and not Path(path).is_file():
+            sys.exit(f"FATAL Flags parsing error: --config={path}: no such config file; "
+                     "see experiments/configs/.")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.")
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        message = lines[-1] if "Traceback" in str(e) else str(e)  # a config file's own error
+        sys.exit(f"FATAL Flags parsing error: {message}\nPass --helpfull to see help on flags.")
     except (AttributeError, KeyError) as e:
-        key = str(e).strip("'\"").split("'")[0].split("\\n")[0]
-        given = [a for a in argv if a.startswith("--config.") and re.search(
-            rf"[.]{re.escape(key)}([.=]|$)", a)]
-        where = f" in {given[0]}" if given else ""
-        hint = str(e).split("\\n", 1)[1].rstrip("'\"") if "\\n" in str(e) else ""
+        message = str(e)
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        named = [
+            (part, a) for a in overrides for part in a.split("=", 1)[0].split(".")[1:]
+            if re.search(rf"\b{re.escape(part)}\b", message)
+        ]
+        key, where = named[0] if named else ("?", " ".join(overrides))
+        hint = re.search(r'Did you mean "([^"]+)"', message)
         sys.exit(
-            f"FATAL Flags parsing error: unknown config key {key!r}{where}. {hint} "
-            "Run with --config.<key>=<value> only for keys the config file defines."
+            f"FATAL Flags parsing error: unknown config key {key!r} in {where}"
+            f"{f' (did you mean {hint.group(1)!r}?)' if hint else ''}; override only keys "
+            "that the config file defines."
         )
     except ValueError as e:
         sys.exit(f"FATAL Flags parsing error: {e}")
@@ -72,6 +85,7 @@ def _quiet_libraries(record: Any) -> bool:
 def main(parsed: flags.FlagValues) -> None:
     """Run ``parsed.config`` in ``parsed.workdir``, or the sweep ``parsed.sweep``."""
     logging.get_absl_handler().addFilter(_quiet_libraries)
+    config = parsed.config
     try:
         if parsed.sweep:
             config_flag = parsed["config"]
@@ -79,12 +93,12 @@ def main(parsed: flags.FlagValues) -> None:
                 f"--config.{k}={_cli_value(v)}"
                 for k, v in config_flags.get_override_values(config_flag).items()
             ]
-            failed = run_sweep(parsed.config, parsed.sweep, parsed.workdir,
+            failed = run_sweep(config, parsed.sweep, parsed.workdir,
                                workers=parsed.sweep_workers, base_args=base_args)
             if failed:
                 sys.exit(f"launch.py: {failed} sweep member(s) failed; see the summary above.")
         else:
-            train.train_and_evaluate(parsed.config, parsed.workdir)
+            train.train_and_evaluate(config, parsed.workdir)
     except USER_ERRORS as e:
         sys.exit(f"launch.py: error: {e}")
 

@@ -159,7 +159,7 @@ def train_step(
         step=state.step + 1, params=params, masks=pruning.updated_masks(opt_state, state.masks),
         opt_state=opt_state, carry=jax.lax.stop_gradient(carry),
     )
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -1,0 +1,122 @@
+"""launch.py as a user runs it: a subprocess on a tiny config, a sweep, and the messages of
+a bad config key, a wrong type and a missing data path."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, load_config, tiny_lm_config
+
+from bsrnn import launcher
+
+TINY = [
+    "--config=experiments/configs/shakespeare_gru.py:features=8,steps=6",
+    "--config.data.name=text",
+    "--config.model.embed_dim=4",
+    "--config.batch_size=4",
+    "--config.seq_len=8",
+    "--config.eval_batch_size=8",
+    "--config.log_every=2",
+    "--config.checkpoint_every=6",
+    "--config.eval_every=6",
+    "--config.prune.freq=1",
+]
+
+
+def launch(*args, timeout=240):
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_launch_trains_and_reports(tiny_text, tmp_path):
+    result = launch(*TINY, f"--config.data.path={tiny_text}", f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 6 and report["method"] == "bp"
+    assert report["config"]["model"]["features"] == 8  # the arg
+    assert report["config"]["data"]["path"] == str(tiny_text)  # the override
+    # The printed table is the report's.
+    assert f"bsrnn report: {tmp_path}" in result.stdout
+    total = report["sparsity"]["total"]
+    assert "total (prunable)  " in result.stdout
+    assert f"{100 * total['sparsity']:.1f}%" in result.stdout
+    assert f"{report['metrics']['valid']['bpc']:.4f}" in result.stdout
+    assert (tmp_path / "metrics.jsonl").read_text().count('"split": "train"') == 3
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "6").is_dir()
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.num_stepz=5", r"unknown config key .num_stepz. in --config.num_stepz=5 "
+     r"\(did you mean .num_steps.\?\)"),
+    ("--config.prune.sparsity.hidden=0.5", r"unknown config key 'hidden'"),
+    ("--config.num_steps=many", r"--config.num_steps=many.*invalid literal for int"),
+])
+def test_bad_config_keys_and_types_are_named(tmp_path, flag, message):
+    result = launch(flag, f"--workdir={tmp_path}", timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+
+
+def test_missing_data_path_is_named(tmp_path):
+    missing = tmp_path / "no" / "such.txt"
+    result = launch(*TINY, f"--config.data.path={missing}", f"--workdir={tmp_path / 'w'}")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"launch.py: error: {missing}: no such file" in result.stderr
+    assert "--config.data.path" in result.stderr
+
+
+def test_sweep_in_worker_processes_writes_a_summary(tiny_text, tmp_path):
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(
+        "def get_sweep(arg=None):\n"
+        "    return [{'method': 'dense'},\n"
+        "            {'method': 'bp', 'prune.block_shape.recurrent': (8, 8)}]\n"
+    )
+    result = launch(*TINY, f"--config.data.path={tiny_text}", f"--sweep={sweep}",
+                    "--sweep_workers=2", f"--workdir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
+    assert [m["name"] for m in summary] == ["00_dense", "01_bp_8x8"]
+    dense, sparse = (m["report"] for m in summary)
+    assert dense["sparsity"]["total"]["sparsity"] == 0.0
+    assert sparse["block_shape"]["recurrent"] == [8, 8] and sparse["config"]["seq_len"] == 8
+    table = (tmp_path / "sweep" / "sweep_summary.txt").read_text()
+    assert "01_bp_8x8" in table and f"{sparse['metrics']['valid']['bpc']:.4f}" in table
+    assert table in result.stdout
+
+
+def test_sweep_in_process_and_override_errors(tiny_text, tmp_path):
+    config = tiny_lm_config(tiny_text, steps=4)
+    config.log_every = config.checkpoint_every = config.eval_every = 2
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text("def get_sweep(arg=None):\n    return [{'prune.reduction.input': arg}]\n")
+    failed = launcher.run_sweep(config, f"{sweep}:rms", tmp_path / "s")
+    assert failed == 0
+    summary = json.loads((tmp_path / "s" / "sweep_summary.json").read_text())
+    assert summary[0]["report"]["reduction"]["input"] == "rms"
+    with pytest.raises(ValueError, match=r"'prune.blocks': unknown config key"):
+        launcher.apply_overrides(config, {"prune.blocks": (2, 2)})
+    with pytest.raises(ValueError, match=r"'num_steps'='many': wrong type"):
+        launcher.apply_overrides(config, {"num_steps": "many"})
+
+
+def test_every_config_and_sweep_loads():
+    for name, arg in [("shakespeare_gru", None), ("ptb_word", "gru"), ("ptb_word", "lstm"),
+                      ("an4_ds2", "rnn"), ("an4_ds2", "gru")]:
+        for method in ("dense", "structural", "wp", "bp", "gl", "glp"):
+            config = load_config(name, f"{arg},method={method}" if arg else f"method={method}")
+            assert config.method == method
+            assert set(config.prune.block_shape) == {"input", "recurrent", "fc"}
+    for path in sorted((REPO / "experiments" / "sweeps").glob("*.py")):
+        members = launcher.load_sweep(str(path))
+        config = load_config("shakespeare_gru")
+        for member in members:
+            launcher.apply_overrides(config, member)  # every key exists, every type fits
+    shapes = [m["prune.block_shape.recurrent"]
+              for m in launcher.load_sweep(str(REPO / "experiments/sweeps/block_sizes.py"))]
+    assert shapes == [(1, 1), (4, 4), (12, 2), (8, 8), (16, 16), (32, 32)]

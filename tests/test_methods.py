@@ -1,0 +1,136 @@
+"""config.method -> optax chain: which kernels are pruned, the schedules' numbers, the order
+of the chain, and the messages of configs that do not fit together."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import load_config
+
+from bsrnn import methods, schedules
+
+
+def tiny_config(method="bp", **prune):
+    config = load_config("shakespeare_gru", f"method={method},steps=1000")
+    for key, value in prune.items():
+        config.prune[key] = value
+    return config
+
+
+PARAMS = {
+    "layer_0": {"input_r": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)},
+                "recurrent_r": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)}},
+    "output": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)},
+    "proj": {"kernel": jnp.ones((8, 8))},  # a plain nn.Dense: no mask
+}
+MASKS = {
+    "layer_0": {"input_r": {"kernel": jnp.ones((4, 8), bool)},
+                "recurrent_r": {"kernel": jnp.ones((8, 8), bool)}},
+    "output": {"kernel": jnp.ones((8, 4), bool)},
+}
+
+
+def test_only_masked_kernels_of_the_listed_types_are_prunable():
+    layer_type = methods.prunable_layer_type(MASKS, ("recurrent", "fc"))
+    selected = {
+        "/".join(p): layer_type(p, leaf)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(PARAMS)[0]
+        for p in [tuple(k.key for k in p)]
+    }
+    assert {k: v for k, v in selected.items() if v} == {
+        "layer_0/recurrent_r/kernel": "recurrent", "output/kernel": "fc"}
+    with pytest.raises(ValueError, match="unknown types.*'conv'"):
+        methods.prunable_layer_type(MASKS, ("conv",))
+
+
+def test_gl_cut_prunes_once_at_the_end_step_with_the_cut_threshold():
+    config = tiny_config("gl")
+    config.group_lasso.cut_threshold = 0.02
+    cut = methods._gl_cut(config)
+    steps = np.arange(1000)
+    updates = np.asarray(cut.is_update_step(steps))
+    assert steps[updates].tolist() == [500]  # end_fraction 0.5 of 1000 steps
+    assert float(cut.threshold(500)) == pytest.approx(0.02)
+
+
+def test_gradual_schedule_is_p2_eq1_scaled_for_blocks():
+    config = tiny_config("bp", schedule="gradual")
+    config.prune.q.recurrent = 0.3
+    config.prune.block_shape.recurrent = (4, 4)
+    config.prune.layer_types = ("recurrent",)
+    (schedule,) = methods.pruning_schedules(config).values()
+    start, ramp, end, freq = 100, 250, 500, 100  # fractions 0.1, 0.25, 0.5 of 1000
+    theta = 2 * 0.3 * freq / (2 * (ramp - start) + 3 * (end - ramp))  # P2 Eq. 1
+    assert schedule.start_slope == pytest.approx(theta * 16 ** 0.25)  # P1: θ_b = θ N_b^(1/4)
+    assert schedule.ramp_slope == pytest.approx(1.5 * theta * 16 ** 0.25)
+    assert (schedule.start_itr, schedule.ramp_itr, schedule.end_itr) == (start, ramp, end)
+    config.prune.q.recurrent = 0.0
+    with pytest.raises(ValueError, match=r"q.recurrent=0.0.*90th percentile"):
+        methods.pruning_schedules(config)
+
+
+def test_cubic_schedule_per_layer_type():
+    config = tiny_config("bp")
+    config.prune.sparsity.fc = 0.5
+    result = methods.pruning_schedules(config)
+    assert result["fc"] == schedules.CubicSparsity(0.5, 100, 500, 100)
+    assert result["recurrent"].final_sparsity == 0.9
+
+
+def test_learning_rate_warmup_then_cosine_to_the_final_fraction():
+    config = tiny_config()
+    config.optimizer.update(learning_rate=0.1, warmup_steps=100, schedule="cosine",
+                            final_lr_fraction=0.1)
+    lr = methods.learning_rate_schedule(config)
+    assert float(lr(0)) == 0.0 and float(lr(50)) == pytest.approx(0.05)
+    assert float(lr(100)) == pytest.approx(0.1)
+    assert float(lr(550)) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5))  # half-way down the cosine
+    assert float(lr(1000)) == pytest.approx(0.01)
+
+
+def test_glp_adds_the_group_lasso_gradient_before_the_optimizer():
+    config = tiny_config("glp")
+    config.optimizer.update(name="sgd", learning_rate=0.5, momentum=0.0, nesterov=False,
+                            grad_clip=0.0, schedule="constant", warmup_steps=0)
+    config.group_lasso.glp_strength.recurrent = 0.01
+    params = {"layer_0": {"recurrent_r": {"kernel": jnp.arange(64.0).reshape(8, 8) / 64}}}
+    masks = {"layer_0": {"recurrent_r": {"kernel": jnp.ones((8, 8), bool)}}}
+    tx, _ = methods.create_optimizer(config, masks)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params, masks=masks)
+    w = np.asarray(params["layer_0"]["recurrent_r"]["kernel"])
+    norms = np.sqrt((w.reshape(2, 4, 2, 4) ** 2).sum(axis=(1, 3)))
+    gl_grad = w / np.kron(norms, np.ones((4, 4)))
+    np.testing.assert_allclose(updates["layer_0"]["recurrent_r"]["kernel"],
+                               -0.5 * (1.0 + 0.01 * gl_grad), rtol=1e-6)
+
+
+def test_dense_chain_is_the_plain_optimizer():
+    config = tiny_config("dense")
+    tx, lr = methods.create_optimizer(config, MASKS)
+    params = {k: v for k, v in PARAMS.items() if k != "proj"}
+    grads = jax.tree_util.tree_map(lambda x: 0.1 * jnp.ones_like(x), params)
+    ours, _ = tx.update(grads, tx.init(params), params, masks=MASKS)
+    reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+    theirs, _ = reference.update(grads, reference.init(params), params)
+    jax.tree_util.tree_map(np.testing.assert_allclose, ours, theirs)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(method="magic"), r"config.method='magic'; choose one of"),
+    (dict(method="structural", modules=1), r"needs config.structure.num_modules >= 2"),
+    (dict(begin_fraction=0.6), r"begin_fraction <= ramp_fraction"),
+    (dict(schedule="linear"), r"config.prune.schedule='linear'"),
+    (dict(steps=1), r"pruning schedule is empty"),
+])
+def test_configs_that_do_not_fit_are_rejected_by_name(change, message):
+    config = tiny_config("bp")
+    config.method = change.get("method", "bp")
+    config.structure.num_modules = change.get("modules", 8)
+    config.num_steps = change.get("steps", 1000)
+    for key in ("begin_fraction", "schedule"):
+        if key in change:
+            config.prune[key] = change[key]
+    with pytest.raises(ValueError, match=message):
+        methods.create_optimizer(config, MASKS)
