@@ -8,17 +8,22 @@ time: it gathers the matching (TM, R) slice of x, loads the (R, bw) slice of the
 accumulates in float32, and finally writes its (TM, bw) output tile. No atomics, no
 second pass, and the weight bytes read are those of the stored blocks only.
 
-Two ways to accumulate, picked from N (the rows of x):
+Two ways to accumulate:
 
-- "fma" (N <= 8): elementwise products into a (TM, R, bw) float32 accumulator, summed
-  over R once after the loop. No tensor-core layout shuffles, no padding of N or bw;
-  best when each program has little work (small N, small blocks).
-- "dot" (N > 8): a tensor-core dot per step, with the tile of x padded to >= 16 rows and
-  the panel slice to >= 16 columns (masked loads, so no extra bytes move).
+- "fma": elementwise products into a (TM, R, bw) float32 accumulator, summed over R once
+  after the loop. No tensor-core layout shuffles, no padding of N or bw; best when each
+  program has little work (N of 1 to a few).
+- "dot": a tensor-core dot per step, with the tile of x padded to >= 16 rows and the
+  panel slice to >= 16 columns (masked loads, so no extra bytes move).
 
 `transpose_x=True` gathers from x^T (in, N) instead of x (N, in): each panel row then reads
 N contiguous values of x instead of N values one row apart, at the price of one XLA
 transpose before the kernel.
+
+Defaults, from the H100 sweep in experiments/bench/RESULTS.md (fp16 and fp32, RNN 1760 and
+GRU 2560 at 90/95% block sparsity): "fma" for N <= 4 (and N <= 8 in float32, where the
+exact-fp32 dot is slow), else "dot" with 64 panel rows per step up to N = 16 and 128
+beyond; for N > 16, gathering from x^T unless bw >= 32.
 
 Triton needs power-of-two tile sides, so any bh (12 for 12x2 blocks) is handled through
 the flat panel rows, and bw through masked loads into a power-of-two tile. Runs on the
@@ -123,7 +128,7 @@ def bsc_matmul_pallas(
     *,
     interpret: bool = False,
     compute: Literal["fma", "dot"] | None = None,
-    transpose_x: bool = False,
+    transpose_x: bool | None = None,
     rows_per_step: int | None = None,
     max_tm: int = 64,
     num_warps: int | None = None,
@@ -137,10 +142,12 @@ def bsc_matmul_pallas(
       w: block-sparse K of shape (in_features, out_features).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
       compute: "fma" (elementwise products, N <= 8 only) or "dot" (tensor cores); default
-        "fma" for N <= 8, else "dot".
-      transpose_x: gather from x^T (one extra XLA transpose; coalesced gathers).
+        "fma" for N <= 4 (N <= 8 for 32-bit operands), else "dot".
+      transpose_x: gather from x^T (one extra XLA transpose; coalesced gathers); default
+        for "dot" with N > 16 and bw < 32.
       rows_per_step: panel rows per loop step (power of two; >= 16 for "dot"); default
-        128 for "dot", the most that fits 8192 accumulator entries (<= 256) for "fma".
+        64 (N <= 16) or 128 for "dot", the most that fits 8192 accumulator entries
+        (<= 256) for "fma".
       max_tm: largest tile of x rows per program for "dot" (power of two, >= 16).
       num_warps, num_stages: Triton launch parameters; default 4 warps, and 3 stages for
         "dot", 1 for "fma".
@@ -159,7 +166,9 @@ def bsc_matmul_pallas(
     n = x2.shape[0]
     if w.nnzb == 0 or n == 0:
         return jnp.zeros((*lead, n_out), dtype)
-    compute = compute or ("fma" if n <= _FMA_MAX_N else "dot")
+    if compute is None:
+        wide = jnp.dtype(dtype).itemsize >= 4
+        compute = "fma" if n <= 4 or (wide and n <= _FMA_MAX_N) else "dot"
     if compute == "fma":
         if n > _FMA_MAX_N:
             raise ValueError(f'compute="fma" takes N <= {_FMA_MAX_N} rows of x, got {n}')
@@ -168,10 +177,12 @@ def bsc_matmul_pallas(
         num_stages = num_stages or 1
     elif compute == "dot":
         tm, bw_pad = min(max(16, _next_pow2(n)), max_tm), max(16, _next_pow2(bw))
-        rows_per_step = rows_per_step or 128
+        rows_per_step = rows_per_step or (64 if n <= 16 else 128)
         num_stages = num_stages or 3
     else:
         raise ValueError(f'compute must be "fma" or "dot", got {compute!r}')
+    if transpose_x is None:
+        transpose_x = compute == "dot" and n > 16 and bw < 32
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel,

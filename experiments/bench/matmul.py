@@ -12,9 +12,12 @@ Methods, each on the same masked weights and fresh random inputs, in one process
   W (out, in) @ X (in, N).
 
 Timing is device work: JAX ops run R times inside one jitted call (each on its own input,
-chained through `lax.optimization_barrier` so XLA neither merges nor reorders them), and
-the call's wall time over R is the per-op time (median over calls after warm-up); torch
-ops are captured R at a time in a CUDA graph and timed with CUDA events around replays.
+chained through `lax.optimization_barrier` so XLA neither merges nor reorders them). On
+the GPU the per-op time is the summed duration of the GPU kernels of those calls (from a
+`jax.profiler` trace, over calls * R: launch gaps and host time are not counted); on the
+CPU it is the call's wall time over R, median over calls, the methods' calls interleaved.
+Torch ops are captured R at a time in a CUDA graph and timed with CUDA events around
+replays (so their times include the graph's small launch gaps).
 Ratios are dense time over method time (> 1: faster than dense), against jnp.dot for jax
 methods and torch.mm for torch methods, from the same run. Each method's output is first
 checked against an fp32 (HIGHEST precision) dense product on a fresh input.
@@ -89,6 +92,20 @@ def time_jax(fn, args, reps, calls):
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) / reps * 1e6
+
+
+def time_interleaved(jobs, calls):
+    """Median wall time per op of several jobs {label: (fn, args, reps)}, their calls
+    interleaved round-robin so that a noisy (shared) machine slows all of them alike."""
+    for fn, args, _ in jobs.values():
+        jax.block_until_ready(fn(*args))
+    ts = {label: [] for label in jobs}
+    for _ in range(calls):
+        for label, (fn, args, reps) in jobs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts[label].append((time.perf_counter() - t) / reps * 1e6)
+    return {label: statistics.median(v) for label, v in ts.items()}
 
 
 def _stat(event, key):
@@ -217,11 +234,12 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
         try:
             fn = chained(op, reps, method)
             err = rel_err(fn(xs[:reps], *extra)[0], ref)
-            wall = time_jax(fn, (xs[:reps], *extra), reps, a.calls)
-            recs[method] = dict(rec, us=wall, wall_us=wall, err=err, timing="wall")
+            recs[method] = dict(rec, err=err)
             jobs[method] = (fn, (xs[:reps], *extra), reps)
         except Exception as e:  # noqa: BLE001  (record and carry on: one run, many methods)
             recs[method] = dict(rec, us=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+    for method, wall in time_interleaved(jobs, a.calls).items():
+        recs[method].update(us=wall, wall_us=wall, timing="wall")
     if a.mode == "gpu" and jobs:
         for method, (us, launches) in profile_jax(jobs, a.calls_profile).items():
             recs[method].update(us=us, timing="kernel", kernels_per_op=launches)
@@ -456,14 +474,14 @@ def main(argv=None):
             bench.meta["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(bench.meta), flush=True)
 
-    # "pallas": the defaults ("fma" for N <= 8, else "dot"); "pallas_xt": the same gathering
-    # from x^T; "pallas_dot": tensor-core dots at every N (64 panel rows per step).
+    # "pallas": the kernel's defaults; "pallas_xt": gathering from x^T at every N;
+    # "pallas_dot": tensor-core dots at every N, 64 panel rows per step, x not transposed.
     pallas_cfgs = {}
     if gpu:
         pallas_cfgs = {
             "pallas": {},
             "pallas_xt": {"transpose_x": True},
-            "pallas_dot": {"compute": "dot", "rows_per_step": 64},
+            "pallas_dot": {"compute": "dot", "rows_per_step": 64, "transpose_x": False},
         }
     if gpu and a.tune:
         best = tune_pallas(bench)
