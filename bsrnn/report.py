@@ -87,8 +87,9 @@ def layer_sparsity(
       layer_type: the predicate selecting the prunable kernels.
 
     Returns:
-      ``{layer: {"type", "params", "kept", "sparsity"}}`` in parameter order, and a
-      ``"total"`` entry over all of them (type ``"all"``).
+      ``{layer: {"type", "params", "kept", "sparsity"}}`` from the input end to the output
+      end (recurrent layers by index, then fully connected layers), and a ``"total"`` entry
+      over all of them (type ``"all"``).
     """
     flat_masks = traverse_util.flatten_dict(masks) if masks else {}
     layers: dict[str, dict[str, Any]] = {}
@@ -100,6 +101,7 @@ def layer_sparsity(
         entry = layers.setdefault(layer_name(path), {"type": kind, "params": 0, "kept": 0})
         entry["params"] += int(mask.size)
         entry["kept"] += int(mask.sum())
+    layers = dict(sorted(layers.items(), key=lambda item: _layer_order(*item)))
     total = {
         "type": "all",
         "params": sum(e["params"] for e in layers.values()),
@@ -109,6 +111,12 @@ def layer_sparsity(
     for entry in layers.values():
         entry["sparsity"] = 1.0 - entry["kept"] / entry["params"] if entry["params"] else 0.0
     return layers
+
+
+def _layer_order(name: str, entry: dict[str, Any]) -> tuple:
+    """Recurrent layers first, ``layer_2`` before ``layer_10``, then ``fc`` before ``output``."""
+    natural = tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+    return (entry["type"] == "fc", name.startswith("output"), natural)
 
 
 def effective_params(params: Any, masks: Any) -> Any:
@@ -176,6 +184,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 def _blocks(report: Mapping[str, Any]) -> str:
     shapes = report.get("block_shape") or {}
+    if report.get("recurrent_modules", 1) > 1:
+        return f", {report['recurrent_modules']} block-diagonal recurrent modules (P3)"
     if not shapes:
         return ""
     names = {kind: "x".join(map(str, shape)) for kind, shape in shapes.items()}

