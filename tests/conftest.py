@@ -47,6 +47,7 @@ def tiny_lm_config(text: Path, method: str = "bp", steps: int = 12):
     config.optimizer.warmup_steps = 0
     config.optimizer.learning_rate = 3e-2
     config.prune.freq = 2
+    config.prune.layer_types = ("input", "recurrent", "fc")
     config.prune.sparsity.input = config.prune.sparsity.recurrent = 0.7
     config.prune.sparsity.fc = 0.7
     config.structure.num_modules = 4
