@@ -182,9 +182,10 @@ def _keep_lowest_out(scores: jax.Array, sparsity: jax.Array) -> tuple[jax.Array,
     """Keep all but the ``floor(sparsity·n)`` lowest of n scores; also return that cut."""
     flat = scores.ravel()
     k = jnp.floor(sparsity * flat.size).astype(jnp.int32)
-    ranks = jnp.argsort(jnp.argsort(flat, stable=True), stable=True)
-    cut = jnp.where(k > 0, jnp.sort(flat)[jnp.maximum(k - 1, 0)], 0.0)
-    return (ranks >= k).reshape(scores.shape), cut
+    order = jnp.argsort(flat, stable=True)  # one sort; ties broken by position
+    keep = jnp.zeros(flat.shape, bool).at[order].set(jnp.arange(flat.size) >= k)
+    cut = jnp.where(k > 0, flat[order[jnp.maximum(k - 1, 0)]], 0.0)
+    return keep.reshape(scores.shape), cut
 
 
 def block_prune(
