@@ -124,19 +124,10 @@ def apply_overrides(
                 f"{sorted(node.keys())}."
             )
         try:
-            with node.unlocked() if node.is_locked else _nothing():
-                node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+            node[leaf] = tuple(value) if isinstance(value, list) else value
         except TypeError as e:
             raise ValueError(f"override {key!r}={value!r}: wrong type ({e}).") from e
     return config
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
 
 
 def load_sweep(spec: str) -> list[dict[str, Any]]:

@@ -405,13 +405,3 @@ def _last_train_record(path: Path) -> dict[str, Any] | None:
     train = [r for r in records if r["split"] == "train"]
     return train[-1] if train else None
 
-
-def load_state(workdir: str | Path, config: ml_collections.ConfigDict) -> TrainState:
-    """The newest checkpointed state of a run (e.g. to look at its masks in a notebook)."""
-    dataset = input_pipeline.load(config)
-    model = create_model(config, dataset)
-    state, _, _ = initial_state(config, model, dataset.task,
-                                input_pipeline.example_batch(dataset, config))
-    restored, _, _ = _restore(_checkpoint_manager(Path(workdir), config), state)
-    return restored
-
