@@ -6,6 +6,14 @@ Where things are:
 * :mod:`bsrnn.schedules`: P2's threshold schedule and the cubic target-sparsity schedule.
 * :mod:`bsrnn.pruning`: optax transforms (weight/block pruning, group lasso) and the masks.
 * :mod:`bsrnn.cells`: masked RNN/GRU/LSTM cells and the scan-based recurrent layers.
+* :mod:`bsrnn.models`: the language model and the Deep Speech 2 style acoustic model.
+* :mod:`bsrnn.ctc`: greedy CTC decoding, CER and WER.
+* :mod:`bsrnn.methods`: ``config.method`` (dense, structural, WP, BP, GL, GLP) as an optax chain.
+* :mod:`bsrnn.input_pipeline`: ``config.data`` -> corpus and resumable batches.
+* :mod:`bsrnn.train`: the trainer, ``train_and_evaluate(config, workdir)``.
+* :mod:`bsrnn.report`: metric logs, sparsity and parameter counts, the report tables.
+* :mod:`bsrnn.configs`: building blocks of ``experiments/configs``.
+* :mod:`bsrnn.launcher`: what ``launch.py`` runs: flags, single runs and sweeps.
 """
 
 __version__ = "0.1.0"
