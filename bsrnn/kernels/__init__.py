@@ -3,6 +3,9 @@
 `bsc_matmul(x, w)` computes y = x @ K for a `bsrnn.export.BlockSparseMatrix` K and picks
 the implementation from `jax.default_backend()`: the Pallas/Triton kernel on GPUs, the
 portable XLA path elsewhere. `impl=` overrides the choice.
+
+`sparse_gru(x, weights)` runs a whole GRU sequence with block-sparse recurrent weights
+(`bsrnn.kernels.recurrence`), dispatched the same way.
 """
 
 from __future__ import annotations
@@ -13,9 +16,28 @@ import jax
 
 from bsrnn.export import BlockSparseMatrix
 from bsrnn.kernels.pallas_gpu import bsc_matmul_pallas
+from bsrnn.kernels.recurrence import (
+    SparseGRUWeights,
+    default_recurrence_impl,
+    gru_input_projection,
+    gru_recurrence,
+    sparse_gru,
+    sparse_gru_weights,
+)
 from bsrnn.kernels.xla import bsc_matmul_xla
 
-__all__ = ["bsc_matmul", "bsc_matmul_pallas", "bsc_matmul_xla", "default_impl"]
+__all__ = [
+    "SparseGRUWeights",
+    "bsc_matmul",
+    "bsc_matmul_pallas",
+    "bsc_matmul_xla",
+    "default_impl",
+    "default_recurrence_impl",
+    "gru_input_projection",
+    "gru_recurrence",
+    "sparse_gru",
+    "sparse_gru_weights",
+]
 
 Impl = Literal["xla", "pallas", "pallas_interpret"]
 

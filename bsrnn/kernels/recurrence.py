@@ -1,0 +1,312 @@
+"""A whole GRU sequence forward (inference) with block-sparse recurrent weights.
+
+The input projection of all steps is one dense product, hoisted out of the loop; the loop
+only does what must be sequential: h_t @ W_h with W_h block-sparse, and the gate math.
+Gate equations and order (r, z, n) are those of `bsrnn.cells` (PyTorch/cuDNN GRU).
+
+    weights = sparse_gru_weights(variables["params"], variables["masks"], (16, 16),
+                                 dtype=jnp.float16)
+    outputs, h_last = sparse_gru(x, weights)   # same as RecurrentLayer("gru", H).apply
+
+Implementations (`impl=`), chosen like `bsc_matmul`'s: "pallas" on GPUs, "xla" elsewhere.
+
+- "xla": `lax.scan` over steps; each step is `bsc_matmul_xla(h, W_h)` plus the gate math.
+  Portable (CPU, GPU, TPU), jittable, differentiable by JAX.
+- "pallas": each step is one Pallas/Triton kernel fusing the block-sparse product with the
+  gate math, launched inside `lax.scan(..., unroll=U)` (per-iteration loop overhead
+  dominates on GPUs: SPEC §2.6). GPU only; "pallas_interpret" runs the same kernel in the
+  Pallas interpreter on any backend (tests).
+- "persistent": one kernel for all steps, programs synchronised by a grid-wide barrier,
+  weight panels held in registers across steps where they fit (`hold`). GPU only.
+
+Each gate's kernel is tiled on its own: gate g occupies block columns g·ceil(H/bw) ..
+of W_h (padded with empty columns when bw does not divide H), so a block never straddles two
+gates and partial edge blocks (H not a multiple of bh or bw) work on every path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsrnn.export import BlockSparseMatrix, from_dense
+from bsrnn.kernels import recurrence_pallas
+from bsrnn.kernels.xla import bsc_matmul_xla
+
+RecurrenceImpl = Literal["xla", "pallas", "pallas_interpret", "persistent"]
+GATES = ("r", "z", "n")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SparseGRUWeights:
+    """A GRU layer's weights prepared for `sparse_gru` / `gru_recurrence`.
+
+    Attributes:
+      w_i: (D, 3·H) masked input kernels [W_ir | W_iz | W_in] (dense: used once for all
+        steps).
+      b_i: (3·H,) input biases with the recurrent biases of r and z folded in:
+        [b_ir + b_hr | b_iz + b_hz | b_in].
+      w_h: block-sparse recurrent kernel of shape (H, 3·Hp), Hp = ceil(H / bw)·bw: the gate
+        kernels r, z, n side by side, each padded with zero columns to Hp.
+      b_hn: (H,) recurrent bias of the n gate (it sits inside r ⊙ (·)).
+      ell_feat: (3·Hp/bw, K) int32 or None: per block column, the input feature of each of
+        its K panel rows (K = the largest column's bh·blocks rounded up to a power of two;
+        padding rows point at feature 0).
+      ell_values: (3·Hp/bw, K, bw) or None: those panel rows (zero for padding), the
+        fixed-width ("ell") layout of the GPU kernels.
+      hidden: H (static).
+    """
+
+    w_i: jax.Array
+    b_i: jax.Array
+    w_h: BlockSparseMatrix
+    b_hn: jax.Array
+    ell_feat: jax.Array | None
+    ell_values: jax.Array | None
+    hidden: int = dataclasses.field(metadata={"static": True})
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """(bh, bw) of the recurrent blocks."""
+        return self.w_h.block_shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the recurrent block values."""
+        return self.w_h.values.dtype
+
+    @property
+    def ell(self) -> tuple[jax.Array, jax.Array] | None:
+        """(ell_feat, ell_values), or None when built without them."""
+        return None if self.ell_feat is None else (self.ell_feat, self.ell_values)
+
+
+def _ell_arrays(w_h: BlockSparseMatrix, hidden: int) -> tuple[np.ndarray, np.ndarray]:
+    (bh, bw), (_, nbc) = w_h.block_shape, w_h.grid_shape
+    col_ptr, row_idx = np.asarray(w_h.col_ptr), np.asarray(w_h.row_indices)
+    values = np.asarray(w_h.values)
+    k = recurrence_pallas.next_pow2(max(1, int(np.diff(col_ptr).max(initial=0))) * bh)
+    feat = np.zeros((nbc, k), np.int32)
+    panel = np.zeros((nbc, k, bw), values.dtype)
+    for j in range(nbc):
+        s, e = col_ptr[j], col_ptr[j + 1]
+        rows = (row_idx[s:e, None] * bh + np.arange(bh)).reshape(-1)
+        feat[j, : rows.size] = np.where(rows < hidden, rows, 0)  # out-of-range rows are 0
+        panel[j, : rows.size] = values[s:e].reshape(-1, bw)
+    return feat, panel
+
+
+def sparse_gru_weights(
+    params: Mapping[str, Any],
+    masks: Mapping[str, Any],
+    block_shape: tuple[int, int],
+    *,
+    dtype: Any = None,
+    ell: bool = True,
+) -> SparseGRUWeights:
+    """Builds the kernel inputs from a trained `bsrnn.cells.RecurrentLayer` (cell "gru").
+
+    Args:
+      params: the layer's params, {"input_r": {"kernel": (D, H), "bias": (H,)}, ...,
+        "recurrent_n": {...}} (a model's params at the layer's path).
+      masks: the layer's masks at the same paths ({"recurrent_r": {"kernel": (H, H)}, ...});
+        the recurrent masks must be block-structured for `block_shape`, each gate tiled from
+        (0, 0) on its own (partial edge blocks allowed). Input masks are applied densely.
+      block_shape: (bh, bw) the recurrent kernels were pruned with.
+      dtype: dtype of weights and computation (e.g. jnp.float16); default the params'.
+      ell: also build the fixed-width "ell" layout (needed by the persistent kernel and
+        layout="ell"; costs host time and up to a few times the block bytes).
+
+    Returns:
+      `SparseGRUWeights` (numpy arrays inside; host-side construction, not jittable).
+
+    Raises:
+      ValueError: on missing gates, mismatched shapes, or a recurrent mask that is not
+        block-structured for `block_shape`.
+    """
+    try:
+        kin = [np.asarray(params[f"input_{g}"]["kernel"]) for g in GATES]
+        bin_ = [np.asarray(params[f"input_{g}"]["bias"]) for g in GATES]
+        kh = [np.asarray(params[f"recurrent_{g}"]["kernel"]) for g in GATES]
+        bh_ = [np.asarray(params[f"recurrent_{g}"]["bias"]) for g in GATES]
+        min_ = [np.asarray(masks[f"input_{g}"]["kernel"], bool) for g in GATES]
+        mh = [np.asarray(masks[f"recurrent_{g}"]["kernel"], bool) for g in GATES]
+    except KeyError as e:
+        raise ValueError(
+            f"params/masks lack {e}: pass a GRU RecurrentLayer's params and masks (keys "
+            "input_r/z/n and recurrent_r/z/n, each with 'kernel' and 'bias')"
+        ) from None
+    hidden = kh[0].shape[1]
+    for g, k, m in zip(GATES, kh, mh, strict=True):
+        if k.shape != (hidden, hidden) or m.shape != k.shape:
+            raise ValueError(
+                f"recurrent_{g}: kernel {k.shape} and mask {m.shape} must both be "
+                f"({hidden}, {hidden})")
+    dtype = np.dtype(dtype) if dtype is not None else kh[0].dtype
+    # Each gate compressed on its own, then the three BSC matrices put side by side.
+    gates = []
+    for g, k, m in zip(GATES, kh, mh, strict=True):
+        try:
+            gates.append(from_dense(k, m, block_shape, dtype=dtype))
+        except ValueError as e:
+            raise ValueError(f"recurrent_{g}: {e}") from None
+    (bh, bw), (_, nbc_g) = gates[0].block_shape, gates[0].grid_shape
+    offsets = np.cumsum([0] + [w.nnzb for w in gates])
+    w_h = BlockSparseMatrix(
+        values=np.concatenate([np.asarray(w.values) for w in gates]),
+        row_indices=np.concatenate([np.asarray(w.row_indices) for w in gates]),
+        col_ptr=np.concatenate(
+            [np.asarray(gates[0].col_ptr)]
+            + [np.asarray(w.col_ptr)[1:] + o for w, o in zip(gates[1:], offsets[1:-1], strict=True)]
+        ).astype(np.int32),
+        shape=(hidden, 3 * nbc_g * bw),
+        block_shape=(bh, bw),
+    )
+    w_i = np.concatenate([np.where(m, k, 0) for k, m in zip(kin, min_, strict=True)], axis=1)
+    b_i = np.concatenate([bin_[0] + bh_[0], bin_[1] + bh_[1], bin_[2]])
+    feat, panel = _ell_arrays(w_h, hidden) if ell else (None, None)
+    return SparseGRUWeights(
+        w_i=w_i.astype(dtype), b_i=b_i.astype(dtype), w_h=w_h, b_hn=bh_[2].astype(dtype),
+        ell_feat=feat, ell_values=panel, hidden=hidden,
+    )
+
+
+def default_recurrence_impl() -> RecurrenceImpl:
+    """What `gru_recurrence` uses here: "pallas" on GPUs, "xla" elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def gru_input_projection(x: jax.Array, weights: SparseGRUWeights) -> jax.Array:
+    """xp = x @ W_i + b_i for all steps at once, time-major.
+
+    Args:
+      x: (B, T, D) inputs.
+
+    Returns:
+      (T, B, 3·H) in the weights' dtype.
+    """
+    w_i = jnp.asarray(weights.w_i)
+    xp = jnp.einsum("btd,dg->tbg", x.astype(w_i.dtype), w_i)
+    return xp + jnp.asarray(weights.b_i)
+
+
+def _gates_xla(xp_t, a, h, b_hn, hidden):
+    f32 = jnp.float32
+    x_r, x_z, x_n = (xp_t[:, i * hidden:(i + 1) * hidden].astype(f32) for i in range(3))
+    hp = a.shape[-1] // 3
+    a_r, a_z, a_n = (a[:, i * hp:i * hp + hidden].astype(f32) for i in range(3))
+    r = jax.nn.sigmoid(x_r + a_r)
+    z = jax.nn.sigmoid(x_z + a_z)
+    n = jnp.tanh(x_n + r * (a_n + b_hn.astype(f32)))
+    return ((1.0 - z) * n + z * h.astype(f32)).astype(h.dtype)
+
+
+def _recurrence_xla(xp, weights, h0, unroll):
+    w_h, b_hn = weights.w_h, jnp.asarray(weights.b_hn)
+
+    def step(h, xp_t):
+        h = _gates_xla(xp_t, bsc_matmul_xla(h, w_h), h, b_hn, weights.hidden)
+        return h, h
+
+    _, out = jax.lax.scan(step, h0, xp, unroll=unroll)
+    return out
+
+
+def gru_recurrence(
+    xp: jax.Array,
+    weights: SparseGRUWeights,
+    h0: jax.Array | None = None,
+    *,
+    impl: RecurrenceImpl | None = None,
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> jax.Array:
+    """The sequential part of a GRU sequence: all h_t from the input projections.
+
+    Args:
+      xp: (T, B, 3·H) from `gru_input_projection`.
+      weights: `SparseGRUWeights`.
+      h0: (B, H) initial state; zeros if None.
+      impl: "xla", "pallas", "pallas_interpret", "persistent", or None for
+        `default_recurrence_impl()`.
+      unroll: `lax.scan` unroll factor of the "xla" and "pallas" loops.
+      **kernel_options: passed to `recurrence_pallas.gru_step_pallas` ("pallas") or
+        `gru_persistent_pallas` ("persistent"): layout, compute, rows_per_step, hold, ...
+
+    Returns:
+      (T, B, H) states h_1 .. h_T, in the promoted dtype of xp and the weights. Gate math is
+      done in float32 and the state is rounded to that dtype after every step.
+    """
+    impl = impl or default_recurrence_impl()
+    steps, batch, three_h = xp.shape
+    hidden = weights.hidden
+    if three_h != 3 * hidden:
+        raise ValueError(f"xp has {three_h} features, expected 3·H = {3 * hidden}")
+    dtype = jnp.result_type(xp.dtype, weights.dtype)
+    xp = xp.astype(dtype)
+    h0 = jnp.zeros((batch, hidden), dtype) if h0 is None else h0.astype(dtype)
+    if h0.shape != (batch, hidden):
+        raise ValueError(f"h0 has shape {h0.shape}, expected {(batch, hidden)}")
+    if steps == 0:
+        return jnp.zeros((0, batch, hidden), dtype)
+    if impl == "xla":
+        if kernel_options:
+            raise ValueError(f"impl='xla' takes no kernel options, got {sorted(kernel_options)}")
+        return _recurrence_xla(xp, weights, h0, unroll)
+    if impl not in ("pallas", "pallas_interpret", "persistent"):
+        raise ValueError(
+            "impl must be 'xla', 'pallas', 'pallas_interpret' or 'persistent', got "
+            f"{impl!r}")
+    if impl != "pallas_interpret" and jax.default_backend() != "gpu":
+        raise ValueError(f"impl={impl!r} needs a GPU; use 'xla' or 'pallas_interpret'")
+    hbuf = jnp.zeros(((steps + 1) * batch, hidden), dtype).at[:batch].set(h0)
+    common = dict(hidden=hidden, ell=weights.ell)
+    b_hn = jnp.asarray(weights.b_hn).astype(dtype)
+    if impl == "persistent":
+        hbuf, _ = recurrence_pallas.gru_persistent_pallas(
+            hbuf, xp, weights.w_h, b_hn, **common, **kernel_options)
+    else:
+        kernel_options.setdefault("interpret", impl == "pallas_interpret")
+
+        def step(carry, _):
+            hbuf, cnt = carry
+            return recurrence_pallas.gru_step_pallas(
+                hbuf, cnt, xp, weights.w_h, b_hn, **common, **kernel_options), None
+
+        (hbuf, _), _ = jax.lax.scan(
+            step, (hbuf, jnp.zeros((1,), jnp.int32)), None, length=steps, unroll=unroll)
+    return hbuf[batch:].reshape(steps, batch, hidden)
+
+
+def sparse_gru(
+    x: jax.Array,
+    weights: SparseGRUWeights,
+    h0: jax.Array | None = None,
+    *,
+    impl: RecurrenceImpl | None = None,
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """A whole GRU sequence forward, like `RecurrentLayer("gru", H)` without `lengths`.
+
+    Args:
+      x: (B, T, D) inputs.
+      weights: from `sparse_gru_weights`.
+      h0: (B, H) initial state; zeros if None.
+      impl, unroll, **kernel_options: as in `gru_recurrence`.
+
+    Returns:
+      (outputs (B, T, H), final state h_T (B, H)).
+    """
+    xp = gru_input_projection(x, weights)
+    batch = x.shape[0]
+    out = gru_recurrence(xp, weights, h0, impl=impl, unroll=unroll, **kernel_options)
+    last = out[-1] if out.shape[0] else (
+        jnp.zeros((batch, weights.hidden), out.dtype) if h0 is None else h0.astype(out.dtype))
+    return jnp.swapaxes(out, 0, 1), last

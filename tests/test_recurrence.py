@@ -1,0 +1,258 @@
+"""Sparse GRU sequence kernels (XLA path, Pallas kernels in interpret mode, GPU kernels where
+a GPU is present) against `bsrnn.cells.RecurrentLayer` with the same params and masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsrnn import blocks, kernels
+from bsrnn.cells import RecurrentLayer
+from bsrnn.kernels import recurrence_pallas
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _layer_case(seed, hidden, block_shape, batch=3, steps=5, in_features=7, density=0.4):
+    """A GRU RecurrentLayer's variables with random params, random biases, block-structured
+    recurrent masks (partial edge blocks when sides don't divide) and random input masks,
+    plus random inputs and a random h0."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, steps, in_features)).astype(np.float32)
+    variables = RecurrentLayer("gru", hidden).init(jax.random.key(seed), jnp.asarray(x))
+    params = jax.tree_util.tree_map(
+        lambda a: (rng.standard_normal(a.shape) * (0.5 if a.ndim == 1 else a.shape[0] ** -0.5))
+        .astype(np.float32),
+        variables["params"],
+    )
+    bh, bw = block_shape
+    grid = (-(-hidden // bh), -(-hidden // bw))
+    masks = {}
+    for gate in "rzn":
+        keep = rng.random(grid) < density
+        keep[0, -1] = keep[-1, 0] = True  # both partial edges carry a stored block
+        masks[f"recurrent_{gate}"] = {
+            "kernel": np.kron(keep, np.ones(block_shape, bool))[:hidden, :hidden]}
+        masks[f"input_{gate}"] = {"kernel": rng.random((in_features, hidden)) < 0.7}
+    h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(np.float32)
+    return params, masks, x, h0
+
+
+def _reference(params, masks, x, h0, dtype=None):
+    layer = RecurrentLayer("gru", h0.shape[1], dtype=dtype)
+    with jax.default_matmul_precision("highest"):
+        return layer.apply({"params": params, "masks": masks}, jnp.asarray(x),
+                           initial_carry=jnp.asarray(h0, dtype or jnp.float32))
+
+
+def _rel_err(y, ref):
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(y).all()
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def _run(params, masks, x, h0, block_shape, impl, dtype=None, unroll=2, **options):
+    weights = kernels.sparse_gru_weights(params, masks, block_shape, dtype=dtype)
+
+    @jax.jit
+    def run(x, h0):
+        with jax.default_matmul_precision("highest"):
+            return kernels.sparse_gru(x, weights, h0, impl=impl, unroll=unroll, **options)
+
+    return run(jnp.asarray(x), jnp.asarray(h0))
+
+
+BLOCK_CASES = [  # hidden, block shape
+    (24, (4, 4)),  # blocks tile H exactly
+    (20, (8, 8)),  # partial edge blocks on both sides of every gate
+    (26, (12, 2)),  # P1's non-square block, partial rows
+    (23, (3, 5)),  # odd sides, partial both ways
+    (40, (32, 32)),
+    (9, (1, 1)),
+]
+
+
+@pytest.mark.parametrize("hidden, block_shape", BLOCK_CASES)
+def test_xla_matches_recurrent_layer_float32(hidden, block_shape):
+    params, masks, x, h0 = _layer_case(0, hidden, block_shape)
+    out, last = _run(params, masks, x, h0, block_shape, "xla")
+    ref, ref_last = _reference(params, masks, x, h0)
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    assert _rel_err(out, ref) < 1e-5 and _rel_err(last, ref_last) < 1e-5
+
+
+@pytest.mark.parametrize("hidden, block_shape", BLOCK_CASES)
+def test_pallas_interpret_matches_recurrent_layer_float32(hidden, block_shape):
+    params, masks, x, h0 = _layer_case(1, hidden, block_shape)
+    out, last = _run(params, masks, x, h0, block_shape, "pallas_interpret")
+    ref, ref_last = _reference(params, masks, x, h0)
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    assert _rel_err(out, ref) < 1e-5 and _rel_err(last, ref_last) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "options, batch",
+    [
+        (dict(layout="ell"), 3),  # fixed-width panels, fma
+        (dict(layout="ell", hold=True), 2),  # one-shot panel tile, fma with tm = 2
+        (dict(layout="ell", hold=True), 5),  # hold falls back to the dot for tm > 1
+        (dict(compute="dot", max_tm=16), 20),  # two batch tiles, the second partial
+        (dict(compute="fma", rows_per_step=4), 3),  # blocks straddle loop steps
+        (dict(compute="dot", layout="ell", rows_per_step=16), 9),
+    ],
+)
+def test_pallas_interpret_launch_variants(options, batch):
+    hidden, block_shape = 26, (12, 2)
+    params, masks, x, h0 = _layer_case(2, hidden, block_shape, batch=batch)
+    out, _ = _run(params, masks, x, h0, block_shape, "pallas_interpret", unroll=3, **options)
+    ref, _ = _reference(params, masks, x, h0)
+    assert _rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "dtype, tol, impl",
+    [
+        (jnp.float16, 5e-3, "xla"),
+        (jnp.float16, 5e-3, "pallas_interpret"),
+        (jnp.bfloat16, 3e-2, "xla"),
+        (jnp.bfloat16, 3e-2, "pallas_interpret"),
+    ],
+)
+def test_half_precision_against_float32_layer(dtype, tol, impl):
+    params, masks, x, h0 = _layer_case(3, 48, (16, 16), batch=9)
+    out, _ = _run(params, masks, x, h0, (16, 16), impl, dtype=dtype)
+    ref, _ = _reference(params, masks, x, h0)
+    ref_same_dtype, _ = _reference(params, masks, x, h0, dtype=dtype)
+    assert out.dtype == dtype
+    assert _rel_err(out, ref) < tol
+    assert _rel_err(ref_same_dtype, ref) < tol  # the tolerance is the layer's own rounding
+
+
+def test_structured_mask_from_layer_init_and_unroll_remainder():
+    # A P3 block-diagonal pattern from the layer's own mask_init, read back with 4x4 blocks;
+    # T = 7 steps with unroll 3 leaves a remainder; no h0 (zeros).
+    hidden = 16
+    layer = RecurrentLayer("gru", hidden, recurrent_mask_init=blocks.block_diagonal(4))
+    x = np.random.default_rng(4).standard_normal((2, 7, 5)).astype(np.float32)
+    variables = layer.init(jax.random.key(4), jnp.asarray(x))
+    params = jax.tree_util.tree_map(lambda a: a + 0.1, variables["params"])  # nonzero biases
+    ref, ref_last = layer.apply({"params": params, "masks": variables["masks"]}, x)
+    weights = kernels.sparse_gru_weights(params, variables["masks"], (4, 4))
+    assert weights.w_h.nnzb == 3 * 4  # 3 gates x 4 diagonal modules, each one 4x4 block
+    for impl in ("xla", "pallas_interpret"):
+        out, last = jax.jit(lambda x, i=impl: kernels.sparse_gru(x, weights, impl=i, unroll=3))(
+            x)
+        assert _rel_err(out, ref) < 1e-5 and _rel_err(last, ref_last) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_all_blocks_pruned(impl):
+    params, masks, x, h0 = _layer_case(8, 12, (4, 4), density=0.0)
+    for gate in "rzn":
+        masks[f"recurrent_{gate}"]["kernel"][:] = False
+    out, _ = _run(params, masks, x, h0, (4, 4), impl)
+    ref, _ = _reference(params, masks, x, h0)
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_persistent_kernel_interpret_single_program():
+    # The interpreter runs programs one after another, so only one program can pass the
+    # grid barrier: max_programs=1 makes it own every block column (several per program),
+    # which tests the time loop, the prefetched inputs, the held panels and the barrier
+    # counter; state rows poisoned with NaN must all be written.
+    for hidden, block_shape, batch, options in [
+        (20, (8, 8), 3, {}),
+        (26, (12, 2), 5, dict(hold=False, layout="bsc")),
+        (48, (16, 16), 9, dict(compute="dot")),
+    ]:
+        params, masks, x, h0 = _layer_case(9, hidden, block_shape, batch=batch, steps=4)
+        weights = kernels.sparse_gru_weights(params, masks, block_shape)
+        xp = kernels.gru_input_projection(jnp.asarray(x), weights)
+        steps = xp.shape[0]
+        hbuf = jnp.full(((steps + 1) * batch, hidden), jnp.nan).at[:batch].set(h0)
+        with jax.default_matmul_precision("highest"):
+            buf, sync = recurrence_pallas.gru_persistent_pallas(
+                hbuf, xp, weights.w_h, jnp.asarray(weights.b_hn), hidden=hidden,
+                ell=weights.ell, max_programs=1, spin_limit=2, interpret=True, **options)
+        assert np.asarray(sync).tolist() == [steps, 0]
+        ref, _ = _reference(params, masks, x, h0)
+        out = np.asarray(buf[batch:]).reshape(steps, batch, hidden).swapaxes(0, 1)
+        assert _rel_err(out, ref) < 1e-5
+
+
+def test_step_kernel_writes_every_element():
+    # Poison every state row but h0 with NaN; after T steps no NaN may be left.
+    hidden, block_shape, batch, steps = 20, (8, 8), 3, 4
+    params, masks, x, h0 = _layer_case(5, hidden, block_shape, batch=batch, steps=steps)
+    weights = kernels.sparse_gru_weights(params, masks, block_shape)
+    xp = kernels.gru_input_projection(jnp.asarray(x), weights)
+    hbuf = jnp.full(((steps + 1) * batch, hidden), jnp.nan).at[:batch].set(h0)
+    cnt = jnp.zeros((1,), jnp.int32)
+    for layout in ("bsc",):
+        buf, c = hbuf, cnt
+        for _ in range(steps):
+            buf, c = recurrence_pallas.gru_step_pallas(
+                buf, c, xp, weights.w_h, jnp.asarray(weights.b_hn), hidden=hidden,
+                ell=weights.ell, layout=layout, interpret=True)
+        assert int(c[0]) == steps
+        ref, _ = _reference(params, masks, x, h0)
+        out = np.asarray(buf[batch:]).reshape(steps, batch, hidden).swapaxes(0, 1)
+        assert _rel_err(out, ref) < 1e-5
+
+
+def test_errors_are_clear():
+    params, masks, x, h0 = _layer_case(6, 16, (4, 4))
+    bad = {k: dict(v) for k, v in masks.items()}
+    bad["recurrent_z"] = {"kernel": np.asarray(bad["recurrent_z"]["kernel"]).copy()}
+    bad["recurrent_z"]["kernel"][0, 0] = ~bad["recurrent_z"]["kernel"][0, 0]
+    with pytest.raises(ValueError, match="recurrent_z.*not block-structured"):
+        kernels.sparse_gru_weights(params, bad, (4, 4))
+    with pytest.raises(ValueError, match="recurrent_n"):
+        kernels.sparse_gru_weights(params, {k: v for k, v in masks.items()
+                                            if k != "recurrent_n"}, (4, 4))
+    weights = kernels.sparse_gru_weights(params, masks, (4, 4))
+    xp = kernels.gru_input_projection(jnp.asarray(x), weights)
+    with pytest.raises(ValueError, match="3·H"):
+        kernels.gru_recurrence(xp[..., :-1], weights, impl="xla")
+    with pytest.raises(ValueError, match="impl must be"):
+        kernels.gru_recurrence(xp, weights, impl="cuda")
+    with pytest.raises(ValueError, match='layout="ell"'):
+        kernels.gru_recurrence(xp, weights, impl="pallas_interpret", hold=True)
+    no_ell = kernels.sparse_gru_weights(params, masks, (4, 4), ell=False)
+    with pytest.raises(ValueError, match="ell=True"):
+        kernels.gru_recurrence(xp, no_ell, impl="pallas_interpret", layout="ell")
+    if not ON_GPU:
+        for impl in ("pallas", "persistent"):
+            with pytest.raises(ValueError, match="needs a GPU"):
+                kernels.gru_recurrence(xp, weights, impl=impl)
+        assert kernels.default_recurrence_impl() == "xla"
+
+
+# On a GPU (the device machine): the compiled kernels against the same references.
+F16, F32 = (jnp.float16, 5e-3), (jnp.float32, 1e-5)
+GPU_CASES = [  # impl, kernel options, batch, (dtype, tolerance)
+    ("pallas", {}, 1, F32),
+    ("pallas", {}, 20, F32),
+    ("persistent", {}, 3, F32),
+    ("pallas", {}, 1, F16),
+    ("pallas", {}, 20, F16),
+    ("pallas", dict(layout="ell"), 8, F16),
+    ("pallas", dict(layout="ell", hold=True), 3, F16),
+    ("persistent", {}, 1, F16),
+    ("persistent", {}, 20, F16),
+    ("persistent", dict(hold=False), 5, F16),
+    ("persistent", dict(hold=False, layout="bsc"), 5, F16),
+    ("persistent", dict(max_programs=3), 2, F16),  # several block columns per program
+]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("impl, options, batch, dtype_tol", GPU_CASES)
+def test_gpu_kernels(impl, options, batch, dtype_tol):
+    dtype, tol = dtype_tol
+    hidden, block_shape = 72, (16, 16)  # 72 = 4.5 blocks: partial edges on both sides
+    params, masks, x, h0 = _layer_case(7, hidden, block_shape, batch=batch, steps=9)
+    out, last = _run(params, masks, x, h0, block_shape, impl, dtype=dtype, unroll=4, **options)
+    ref, ref_last = _reference(params, masks, x, h0)
+    assert out.dtype == dtype
+    assert _rel_err(out, ref) < tol and _rel_err(last, ref_last) < tol
