@@ -1,12 +1,20 @@
 """Shared fixtures: a tiny text corpus and a tiny language-model config built on the
-default experiment config, so every training test compiles small programs."""
+default experiment config, so every training test compiles small programs.
+
+Also a test-wide setting: float32 matrix products at full precision on every backend. On
+GPUs JAX's default float32 matmul may use TF32 (about 1e-3 relative error), which would hide
+real mismatches behind loose tolerances; the references here are float32 or float64.
+"""
 
 import importlib.util
 import struct
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("abc", "bad", "cafe", "dig", "hij", "fig", "jab")  # 10 letters + space: V = 12

@@ -9,7 +9,6 @@ import pytest
 from bsrnn import blocks, cells
 
 
-
 def random_masks(masks, key, keep=0.5):
     leaves, treedef = jax.tree_util.tree_flatten(masks)
     keys = jax.random.split(key, len(leaves))
@@ -84,9 +83,9 @@ def copy_from_torch(torch_rnn, cell, num_layers, bidirectional):
     for i in range(num_layers):
         for suffix, name in [("", "fwd"), ("_reverse", "bwd")][: 1 + bidirectional]:
             layer = {}
-            get = lambda n: getattr(torch_rnn, f"{n}_l{i}{suffix}").detach().numpy()  # noqa: E731
             for kind, short in [("input", "ih"), ("recurrent", "hh")]:
-                w, b = get(f"weight_{short}"), get(f"bias_{short}")
+                w, b = (getattr(torch_rnn, f"{n}_{short}_l{i}{suffix}").detach().numpy()
+                        for n in ("weight", "bias"))
                 gates = cells.GATES[cell]
                 for g, wg, bg in zip(gates, np.split(w, len(gates)), np.split(b, len(gates)),
                                      strict=True):
