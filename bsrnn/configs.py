@@ -10,6 +10,7 @@ with ``--config.method=...`` and every hyper-parameter below can be overridden:
 * ``group_lasso``: λ_g per layer type for GL and for GLP, the proximal variant, GL's cut.
 * ``structure``: P3's number of block-diagonal recurrent modules (method ``structural``).
 * ``optimizer``: optax optimizer, learning-rate schedule, gradient clipping.
+* ``mesh``: devices of the data-parallel axis (:mod:`bsrnn.sharding`); ``data=-1`` is all.
 
 Steps of the pruning schedule are fractions of ``num_steps``, so overriding
 ``--config.num_steps`` keeps them in proportion (P2: start of the second epoch, 25% and 50%
@@ -127,6 +128,13 @@ def pruning(
     ))
     structure = ml_collections.ConfigDict(dict(num_modules=num_modules))
     return dict(prune=prune, group_lasso=group_lasso, structure=structure)
+
+
+def mesh(data: int = -1) -> ml_collections.ConfigDict:
+    """The ``mesh`` section: ``data`` devices split every batch by rows (-1: all devices
+    of all processes). The global ``batch_size`` and ``eval_batch_size`` must be multiples
+    of it; set ``--config.mesh.data=1`` to run on one device of a larger machine."""
+    return ml_collections.ConfigDict(dict(data=data))
 
 
 

@@ -9,6 +9,12 @@ reports. Members run one after another in this process, or with ``--sweep_worker
 in N processes at once, each pinned to its own GPU through ``CUDA_VISIBLE_DEVICES``
 (on CPUs they share the cores). Members whose sub-workdir already holds a
 ``report.json`` are not run again, so a sweep resumes like a run.
+
+Multi-host runs start one ``launch.py`` per process with the same flags plus
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or, without them,
+under SLURM or on a TPU pod, where JAX reads the job from the environment);
+:func:`main` joins them (:func:`bsrnn.sharding.initialize_distributed`) before any JAX
+work, and every process trains its share of each batch (``config.mesh``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bsrnn import report, train
+from bsrnn import report, sharding, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(REPO / "experiments" / "configs" / "shakespeare_gru.py")
@@ -83,10 +89,16 @@ def _quiet_libraries(record: Any) -> bool:
 
 
 def main(parsed: flags.FlagValues) -> None:
-    """Run ``parsed.config`` in ``parsed.workdir``, or the sweep ``parsed.sweep``."""
+    """Run ``parsed.config`` in ``parsed.workdir``, or the sweep ``parsed.sweep``; join the
+    multi-host job of ``parsed.coordinator_address`` etc. first."""
     logging.get_absl_handler().addFilter(_quiet_libraries)
     config = parsed.config
     try:
+        distributed = sharding.initialize_distributed(
+            parsed.coordinator_address, parsed.num_processes, parsed.process_id)
+        if distributed and parsed.sweep:
+            raise ValueError("--sweep runs on one host; drop the multi-host flags, or launch "
+                             "each member as its own multi-host run.")
         if parsed.sweep:
             config_flag = parsed["config"]
             base_args = [f"--config={config_flags.get_config_filename(config_flag)}"] + [

@@ -15,6 +15,12 @@ One run, from a config (see ``experiments/configs``) into a working directory:
   Language models carry the recurrent state of each of the B rows from one window to
   the next (truncated BPTT); the loss is the mean cross-entropy per token in nats. Speech
   models use ``optax.ctc_loss``, averaged over the utterances of the batch.
+* **Devices**: data parallel over the ``data`` axis of a mesh of ``config.mesh.data``
+  devices (:mod:`bsrnn.sharding`): batches and the LM carry are split by rows, params,
+  masks and optimizer state replicated; the step is one ``jax.jit`` with these shardings.
+  The losses match a one-device run up to float summation order. In a multi-process run
+  (``launch.py --num_processes=...``) every process runs this function; only process 0
+  writes ``metrics.jsonl``, TensorBoard files, ``config.json`` and ``report.json``.
 * **Evaluation** every ``eval_every`` steps on the first eval split and at the end on all:
   loss and bits per character (character LMs), perplexity (word LMs), or CER and WER of
   greedy CTC transcripts (speech).
@@ -24,6 +30,8 @@ One run, from a config (see ``experiments/configs``) into a working directory:
   workdir that holds checkpoints resumes from the newest and gives the same numbers as an
   uninterrupted run. Orbax writes each checkpoint into a temporary folder and renames it
   when complete, so a crash or a kill during a save leaves the previous one intact.
+  Restores place every array with the sharding of the current mesh, so a run may resume
+  on a different number of devices.
 * **Logs**: ``<workdir>/metrics.jsonl``, TensorBoard files in ``<workdir>/tensorboard``,
   per-layer sparsity every ``log_every`` steps, a progress bar with rate and ETA.
 * **Report**: ``<workdir>/report.json`` (final metrics, sparsity overall and per layer,
@@ -53,7 +61,7 @@ from absl import logging
 from flax import struct
 from tqdm import tqdm
 
-from bsrnn import ctc, data, input_pipeline, methods, models, pruning, report
+from bsrnn import ctc, data, input_pipeline, methods, models, pruning, report, sharding
 
 
 class CheckpointError(RuntimeError):
@@ -180,20 +188,26 @@ def _ctc_eval_step(params, masks, batch, model):
 
 def evaluate(
     model: Any, params: Any, masks: Any, dataset: input_pipeline.Data,
-    config: ml_collections.ConfigDict, split: str,
+    config: ml_collections.ConfigDict, split: str, mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, float]:
     """Metrics of the model on one pass over ``split``.
 
     Language models: ``loss`` (mean nats per token, the carry passed from window to
     window as in training), and ``bpc`` or ``perplexity``. Speech: ``loss`` (mean CTC loss
     per utterance), ``cer`` and ``wer`` of the greedy transcripts (fractions).
+    With a ``mesh``, batches and the carry are split by rows over its ``data`` axis
+    (``params`` and ``masks`` replicated on it); without, everything runs on one device.
     """
     batches = _progress(input_pipeline.eval_batches(dataset, config, split), f"eval {split}")
+
+    def place(tree: Any) -> Any:
+        return tree if mesh is None else sharding.put_batch(tree, mesh)
+
     if isinstance(dataset, input_pipeline.TextData):
         total, count = 0.0, 0
-        carry = model.initial_carry(config.eval_batch_size)
+        carry = place(model.initial_carry(config.eval_batch_size))
         for batch in batches:
-            loss, carry = _lm_eval_step(params, masks, carry, batch, model)
+            loss, carry = _lm_eval_step(params, masks, carry, place(batch), model)
             total += float(loss)
             count += batch["targets"].size
         mean = total / count
@@ -204,13 +218,13 @@ def evaluate(
         return {"loss": mean, name: value}
     total, count, references, hypotheses = 0.0, 0, [], []
     for batch in batches:
-        loss, n, labels, lengths = _ctc_eval_step(params, masks, batch, model)
+        loss, n, labels, lengths = _ctc_eval_step(params, masks, place(batch), model)
         total, count = total + float(loss), count + int(n)
+        labels, lengths = sharding.to_host(labels), sharding.to_host(lengths)
         for b in range(int(n)):
             references.append("".join(dataset.vocab.decode(
                 batch["labels"][b, : batch["label_lengths"][b]])))
-            hypotheses.append("".join(dataset.vocab.decode(
-                np.asarray(labels)[b, : int(lengths[b])])))
+            hypotheses.append("".join(dataset.vocab.decode(labels[b, : int(lengths[b])])))
     return {"loss": total / count, **ctc.error_rates(references, hypotheses)}
 
 
@@ -246,13 +260,19 @@ def _checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp
 def _restore(
     manager: ocp.CheckpointManager, state: TrainState
 ) -> tuple[TrainState, data.Position | None, float]:
-    """The newest checkpoint's state, data position and wall time, or ``state`` if none."""
+    """The newest checkpoint's state, data position and wall time, or ``state`` if none.
+
+    Every array is restored with the shape, dtype and sharding of ``state``'s (each process
+    reads the slices of its own devices), whatever mesh the checkpoint was saved from.
+    """
     step = manager.latest_step()
     if step is None:
         return state, None, 0.0
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore(),
+            state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore(),
         ))
     except Exception as e:  # orbax and tensorstore raise many kinds; all mean the same here
         older = [s for s in manager.all_steps() if s < step]
@@ -317,14 +337,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     started = time.time()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     _check_config(config)
+    mesh = sharding.create_mesh(config)
+    primary = sharding.is_primary()
+    workdir.mkdir(parents=True, exist_ok=True)
     dataset = input_pipeline.load(config)
     model = create_model(config, dataset)
     task = dataset.task
     state, tx, learning_rate = initial_state(
         config, model, task, input_pipeline.example_batch(dataset, config)
     )
+    shardings = sharding.state_shardings(state, mesh)
+    state = sharding.put(state, shardings)
     layer_type = methods.prunable_layer_type(state.masks, config.prune.layer_types)
 
     manager = _checkpoint_manager(workdir, config)
@@ -332,18 +356,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start = int(state.step)
     if start:
         logging.info("Resuming %s from step %d.", workdir, start)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    writer = report.MetricWriter(workdir, resume_step=start)
+    logging.info("Data parallel over %d device(s) of %d process(es).", mesh.size,
+                 jax.process_count())
+    if primary:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    writer = report.MetricWriter(workdir, resume_step=start) if primary else _NoWriter()
 
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, task=task),
-                      donate_argnums=0)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, task=task),
+        in_shardings=(shardings, sharding.batch_sharded(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+    )
     batches: Iterator = input_pipeline.train_batches(dataset, config, position)
     sums, count, window_start = None, 0, time.time()
     bar = _progress(range(start, config.num_steps), "train", initial=start,
                     total=config.num_steps)
     for step in bar:
         batch, position = next(batches)
-        state, step_metrics = step_fn(state, batch)
+        state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh))
         sums = step_metrics if sums is None else jax.tree_util.tree_map(
             jnp.add, sums, step_metrics)
         count += 1
@@ -376,7 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if done % config.eval_every == 0 and not last:
             split = dataset.eval_splits[0]
             writer.write(done, split, evaluate(model, state.params, state.masks, dataset,
-                                               config, split))
+                                               config, split, mesh))
         if done % config.checkpoint_every == 0 or last:
             progress = {"position": position,
                         "wall_time_s": previous_time + time.time() - started}
@@ -386,18 +416,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     manager.wait_until_finished()
 
     final: dict[str, dict[str, float]] = {}
-    last_train = _last_train_record(workdir / "metrics.jsonl")
+    last_train = _last_train_record(workdir / "metrics.jsonl") if primary else None
     if last_train:
         final["train"] = {k: last_train[k] for k in ("loss", "grad_norm")}
     for split in dataset.eval_splits:
-        final[split] = evaluate(model, state.params, state.masks, dataset, config, split)
+        final[split] = evaluate(model, state.params, state.masks, dataset, config, split, mesh)
         writer.write(int(state.step), split, final[split])
     writer.close()
-    result = build_report(config, workdir, state, final,
-                          previous_time + time.time() - started)
-    (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(report.format_report(result), flush=True)
+    if primary:
+        result = build_report(config, workdir, state, final,
+                              previous_time + time.time() - started)
+        (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(report.format_report(result), flush=True)
     return state
+
+
+class _NoWriter:
+    """The metric writer of processes other than 0: they compute the same numbers and log
+    nothing."""
+
+    def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+        del step, split, scalars
+
+    def close(self) -> None:
+        pass
 
 
 def _last_train_record(path: Path) -> dict[str, Any] | None:

@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 500
     config.checkpoint_every = 500
     config.max_checkpoints = 2
+    config.mesh = configs.mesh(data=-1)  # data parallel over all devices
 
     config.optimizer = configs.optimizer("adam", learning_rate=1e-3, schedule="cosine",
                                          warmup_steps=200, grad_clip=5.0)

@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 2000
     config.checkpoint_every = 2000
     config.max_checkpoints = 2
+    config.mesh = configs.mesh(data=-1)  # data parallel over all devices
 
     config.optimizer = configs.optimizer("sgd", learning_rate=1.0, schedule="cosine",
                                          warmup_steps=0, grad_clip=5.0, momentum=0.0,

@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 1000
     config.checkpoint_every = 500
     config.max_checkpoints = 2
+    config.mesh = configs.mesh(data=-1)  # data parallel over all devices
 
     config.optimizer = configs.optimizer("adam", learning_rate=5e-3, schedule="cosine",
                                          warmup_steps=100, grad_clip=1.0)
