@@ -7,6 +7,8 @@ effect if it is set before JAX starts, and this process already runs on one devi
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -154,3 +156,51 @@ def test_launch_names_a_bad_process_id_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert "launch.py: error: --process_id=2 is not one of the 2 processes" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+TWO_PROCESSES = """
+import sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+import jax
+from conftest import tiny_lm_config
+from bsrnn import sharding, train
+
+text, workdir, address, process_id = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+assert sharding.initialize_distributed(address, 2, process_id)  # as launch.py does
+assert jax.process_count() == 2 and jax.device_count() == 4
+train.train_and_evaluate(tiny_lm_config(Path(text)), workdir)
+"""
+
+
+def test_two_processes_give_the_numbers_of_one_and_resume_on_one_device(tiny_text, tmp_path):
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    processes = [
+        subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(tiny_text),
+                          str(tmp_path / "two"), address, str(i)], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (_, stderr) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    # Only process 0 prints the report; both wrote their shards of the checkpoints.
+    assert "bsrnn report" in outputs[0][0] and "bsrnn report" not in outputs[1][0]
+    assert (tmp_path / "two" / "checkpoints" / "12" / "state" / "ocdbt.process_1").exists()
+
+    reference = train.train_and_evaluate(tiny_lm_config(tiny_text), tmp_path / "one")
+    ours, theirs = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
+    np.testing.assert_allclose([r[2] for r in ours], [r[2] for r in theirs], rtol=1e-5)
+
+    # The 4-device checkpoint of step 8 restores onto this 1-device mesh and goes on.
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "12")
+    resumed = train.train_and_evaluate(tiny_lm_config(tiny_text), tmp_path / "two")
+    assert int(resumed.step) == 12
+    for path, mask in flat(reference.masks).items():
+        np.testing.assert_array_equal(flat(resumed.masks)[path], mask, err_msg=path)
+    for path, value in flat(reference.params).items():
+        np.testing.assert_allclose(flat(resumed.params)[path], value, rtol=1e-4, atol=1e-5)
