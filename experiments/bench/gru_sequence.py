@@ -123,9 +123,14 @@ class Bench:
         self.save()
 
     def save(self):
+        """Writes the JSON and the tables after every record, so a run stopped from outside
+        (a command's time limit) still leaves what it measured."""
         if self.args.json:
             with open(self.args.json, "w") as f:
                 json.dump({"meta": self.meta, "records": self.records}, f, indent=1)
+        if self.args.markdown:
+            with open(self.args.markdown, "w") as f:
+                f.write(markdown(self))
 
 
 def time_jax(fn, inputs, calls, rounds):
@@ -465,6 +470,9 @@ def main():
         for hidden in hiddens:
             rng = np.random.default_rng([hidden, i])
             block_shape = tuple(int(s) for s in block.split("x"))
+            if bench.out_of_time():
+                print(f"H={hidden} {block}: skipped, out of time budget", flush=True)
+                continue
             params, masks = layer_variables(
                 rng, hidden, hidden, block_masks(rng, hidden, block_shape, args.sparsity))
             t = time.perf_counter()
