@@ -11,6 +11,7 @@ Where things are:
 * :mod:`bsrnn.methods`: ``config.method`` (dense, structural, WP, BP, GL, GLP) as an optax chain.
 * :mod:`bsrnn.input_pipeline`: ``config.data`` -> corpus and resumable batches.
 * :mod:`bsrnn.train`: the trainer, ``train_and_evaluate(config, workdir)``.
+* :mod:`bsrnn.sharding`: the data-parallel mesh and its shardings; multi-host start-up.
 * :mod:`bsrnn.report`: metric logs, sparsity and parameter counts, the report tables.
 * :mod:`bsrnn.configs`: building blocks of ``experiments/configs``.
 * :mod:`bsrnn.launcher`: what ``launch.py`` runs: flags, single runs and sweeps.
