@@ -20,7 +20,7 @@ Two ways to accumulate:
 N contiguous values of x instead of N values one row apart, at the price of one XLA
 transpose before the kernel.
 
-Defaults, from the H100 sweep in experiments/bench/RESULTS.md (fp16 and fp32, RNN 1760 and
+Defaults, from the H100 sweep in WORKSPACE.md (fp16 and fp32, RNN 1760 and
 GRU 2560 at 90/95% block sparsity): "fma" for N <= 4 (and N <= 8 in float32, where the
 exact-fp32 dot is slow), else "dot" with 64 panel rows per step up to N = 16 and 128
 beyond; for N > 16, gathering from x^T unless bw >= 32.

@@ -19,7 +19,7 @@ Implementations (`impl=`), chosen like `bsc_matmul`'s: "pallas" on GPUs, "xla" e
 - "persistent": one kernel for all steps, programs synchronised by a grid-wide barrier,
   weight panels held in registers across steps where they fit (`hold`). GPU only.
 
-Measured on an H100 (experiments/bench/RESULTS.md, GRU 2560, 90% of 16x16 blocks pruned,
+Measured on an H100 (WORKSPACE.md, GRU 2560, 90% of 16x16 blocks pruned,
 fp16, T = 256, input projection included): "pallas" 6.4 / 12.0 / 16.2 µs per step at
 batch 1 / 8 / 32, "persistent" 5.4 µs at batch 1 (3.7 µs with 32x32 blocks, and for GRU
 1760) but slower than "pallas" at batch >= 8; cuDNN 16–20 µs. Hence "pallas" stays the GPU
