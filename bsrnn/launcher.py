@@ -14,7 +14,8 @@ Multi-host runs start one ``launch.py`` per process with the same flags plus
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or, without them,
 under SLURM or on a TPU pod, where JAX reads the job from the environment);
 :func:`main` joins them (:func:`bsrnn.sharding.initialize_distributed`) before any JAX
-work, and every process trains its share of each batch (``config.mesh``).
+work, and every process trains its share of each batch (``config.mesh``). ``--workdir``
+must be a folder that every host sees (orbax writes each process's shards there).
 """
 
 from __future__ import annotations

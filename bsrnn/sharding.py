@@ -180,8 +180,9 @@ def put(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(place, tree, shardings)
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A global batch (host arrays, whole in every process), rows split over ``data``."""
+def put_batch(batch: Any, mesh: Mesh) -> Any:
+    """A global batch, or a carry: a tree of (B, ...) host arrays, whole in every process,
+    as global arrays with their rows split over ``data``."""
     return put(batch, jax.tree_util.tree_map(lambda _: batch_sharded(mesh), batch))
 
 
