@@ -6,6 +6,9 @@ Where things are:
 * :mod:`bsrnn.schedules`: P2's threshold schedule and the cubic target-sparsity schedule.
 * :mod:`bsrnn.pruning`: optax transforms (weight/block pruning, group lasso) and the masks.
 * :mod:`bsrnn.cells`: masked RNN/GRU/LSTM cells and the scan-based recurrent layers.
+* :mod:`bsrnn.data`: text (Shakespeare, PTB, any text file) and speech (AN4, FSDD) loaders.
+* :mod:`bsrnn.export`: a trained masked model as block-sparse (BSC) matrices, ``.npz`` files.
+* :mod:`bsrnn.kernels`: block-sparse products and GRU recurrences (XLA and Pallas GPU paths).
 * :mod:`bsrnn.models`: the language model and the Deep Speech 2 style acoustic model.
 * :mod:`bsrnn.ctc`: greedy CTC decoding, CER and WER.
 * :mod:`bsrnn.methods`: ``config.method`` (dense, structural, WP, BP, GL, GLP) as an optax chain.
