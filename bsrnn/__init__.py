@@ -15,6 +15,7 @@ Where things are:
 * :mod:`bsrnn.input_pipeline`: ``config.data`` -> corpus and resumable batches.
 * :mod:`bsrnn.train`: the trainer, ``train_and_evaluate(config, workdir)``.
 * :mod:`bsrnn.sharding`: the data-parallel mesh and its shardings; multi-host start-up.
+* :mod:`bsrnn.vmap_sweep`: sweep members that differ only in values, vmapped in one program.
 * :mod:`bsrnn.report`: metric logs, sparsity and parameter counts, the report tables.
 * :mod:`bsrnn.configs`: building blocks of ``experiments/configs``.
 * :mod:`bsrnn.launcher`: what ``launch.py`` runs: flags, single runs and sweeps.

@@ -110,7 +110,7 @@ def pruning_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.
                 p.sparsity[kind], steps["begin"], steps["end"], p.freq
             )
             continue
-        if p.q[kind] <= 0:
+        if not isinstance(p.q[kind], jax.Array) and p.q[kind] <= 0:  # traced: see vmap_sweep
             raise ValueError(
                 f"config.prune.q.{kind}={p.q[kind]}: the gradual schedule needs P2's q, the 90th "
                 "percentile |w| of a trained dense model (a dense run's report.json lists it "

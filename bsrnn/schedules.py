@@ -1,6 +1,8 @@
 """Pruning schedules: when masks are recomputed, and with which threshold or target sparsity.
 
-Two kinds, both small frozen dataclasses that take a (possibly traced) integer step:
+Two kinds, both small frozen dataclasses that take a (possibly traced) integer step. Their
+float fields may be traced arrays too (one schedule per member of a vmapped sweep); then
+``__post_init__`` skips its checks, which the sweep makes on the concrete values first:
 
 * :class:`GradualThreshold`: P2's Algorithm 1. A threshold ε, piecewise linear in the
   iteration, below which a weight (or a block's score) is pruned.
@@ -25,6 +27,15 @@ from bsrnn.blocks import BlockShape
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _traced(schedule: Any) -> bool:
+    """True when a field is a JAX array: a member of a vmapped sweep (:mod:`bsrnn.vmap_sweep`),
+    built inside ``jax.vmap`` with traced values. Such a schedule skips ``__post_init__``'s
+    checks (a tracer has no truth value); the sweep checks every member's concrete values
+    first."""
+    return any(isinstance(getattr(schedule, f.name), jax.Array)
+               for f in dataclasses.fields(schedule))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,8 @@ class GradualThreshold:
     freq: int = 100
 
     def __post_init__(self) -> None:
+        if _traced(self):
+            return
         _require(
             0 <= self.start_itr <= self.ramp_itr <= self.end_itr and self.start_itr < self.end_itr,
             "GradualThreshold needs 0 <= start_itr <= ramp_itr <= end_itr and start_itr < "
@@ -142,6 +155,8 @@ class CubicSparsity:
     initial_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
+        if _traced(self):
+            return
         _require(
             0.0 <= self.initial_sparsity <= self.final_sparsity < 1.0,
             "CubicSparsity needs 0 <= initial_sparsity <= final_sparsity < 1; got "
