@@ -85,7 +85,7 @@ def _per_type(value: PerType[T], layer_type: str) -> T | None:
 
 
 class _LeafSpec(NamedTuple):
-    schedule: Any
+    setting: Any  # the schedule (block_prune) or the strength λ_g (group lasso)
     block_shape: BlockShape
     reduction: str
     num_gates: int
@@ -273,16 +273,16 @@ def block_prune(
             def recompute(w=w, old=old, spec=spec):
                 scored = jnp.where(old, w, 0) if mode == "hard" else w
                 scores = block_scores(scored, spec.block_shape, spec.reduction, spec.num_gates)
-                if isinstance(spec.schedule, GradualThreshold):
-                    eps = spec.schedule.threshold(state.count)
+                if isinstance(spec.setting, GradualThreshold):
+                    eps = spec.setting.threshold(state.count)
                     keep = scores >= eps
                 else:
-                    keep, eps = _keep_lowest_out(scores, spec.schedule.sparsity(state.count))
+                    keep, eps = _keep_lowest_out(scores, spec.setting.sparsity(state.count))
                 keep = expand_blocks(keep, spec.block_shape, w.shape, spec.num_gates)
                 return (old & keep if mode == "hard" else keep), eps.astype(jnp.float32)
 
             new_masks[path], new_eps[path] = jax.lax.cond(
-                spec.schedule.is_update_step(state.count),
+                spec.setting.is_update_step(state.count),
                 recompute,
                 lambda old=old, path=path: (old, old_eps[path]),
             )
@@ -417,7 +417,7 @@ def group_lasso(
         flat_params, flat_updates = _flat(params), _flat(updates)
         new = {
             p: flat_updates[p]
-            + _strength_at(s.schedule, state.count)
+            + _strength_at(s.setting, state.count)
             * _group_gradient(flat_params[p], s.block_shape, s.num_gates)
             for p, s in specs.items()
         }
@@ -461,7 +461,7 @@ def group_lasso_prox(
         for p, s in specs.items():
             z = flat_params[p] + flat_updates[p]
             norms = block_norms(z, s.block_shape, s.num_gates)
-            shrink = jnp.maximum(0.0, 1.0 - eta * s.schedule / jnp.where(norms > 0, norms, 1.0))
+            shrink = jnp.maximum(0.0, 1.0 - eta * s.setting / jnp.where(norms > 0, norms, 1.0))
             shrink = expand_blocks(shrink, s.block_shape, z.shape, s.num_gates)
             new[p] = (z * shrink).astype(z.dtype) - flat_params[p]
         return _replace_leaves(updates, new), GroupLassoState(state.count + 1)
@@ -488,7 +488,7 @@ def group_lasso_penalty(
     flat = _flat(params)
     total = jnp.zeros([], jnp.float32)
     for p, s in specs.items():
-        total += s.schedule * jnp.sum(block_norms(flat[p], s.block_shape, s.num_gates))
+        total += s.setting * jnp.sum(block_norms(flat[p], s.block_shape, s.num_gates))
     return total
 
 
