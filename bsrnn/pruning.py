@@ -386,6 +386,17 @@ def _group_gradient(w: jax.Array, block_shape: BlockShape, num_gates: int) -> ja
     return jnp.where(norms > 0, w / safe, 0.0).astype(w.dtype)
 
 
+def _group_leaves(
+    who: str, updates: Any, params: Any, strength: Any, block_shape: Any, num_gates: Any,
+    layer_type: LayerTypeFn,
+) -> tuple[dict[Path, _LeafSpec], dict[Path, Any], dict[Path, Any]]:
+    """The group-lasso leaves (their spec holds λ_g) and the flat params and updates."""
+    if params is None:
+        raise ValueError(f"{who} needs params: tx.update(grads, state, params).")
+    specs = _leaf_specs(params, strength, block_shape, "max", num_gates, layer_type)
+    return specs, _flat(params), _flat(updates)
+
+
 def group_lasso(
     strength: PerType[float | optax.Schedule],
     block_shape: PerType[BlockShape] = (4, 4),
@@ -411,10 +422,9 @@ def group_lasso(
     def update_fn(
         updates: Any, state: GroupLassoState, params: Any = None
     ) -> tuple[Any, GroupLassoState]:
-        if params is None:
-            raise ValueError("group_lasso needs params: tx.update(grads, state, params).")
-        specs = _leaf_specs(params, strength, block_shape, "max", num_gates, layer_type)
-        flat_params, flat_updates = _flat(params), _flat(updates)
+        specs, flat_params, flat_updates = _group_leaves(
+            "group_lasso", updates, params, strength, block_shape, num_gates, layer_type
+        )
         new = {
             p: flat_updates[p]
             + _strength_at(s.setting, state.count)
@@ -452,10 +462,9 @@ def group_lasso_prox(
     def update_fn(
         updates: Any, state: GroupLassoState, params: Any = None
     ) -> tuple[Any, GroupLassoState]:
-        if params is None:
-            raise ValueError("group_lasso_prox needs params: tx.update(grads, state, params).")
-        specs = _leaf_specs(params, strength, block_shape, "max", num_gates, layer_type)
-        flat_params, flat_updates = _flat(params), _flat(updates)
+        specs, flat_params, flat_updates = _group_leaves(
+            "group_lasso_prox", updates, params, strength, block_shape, num_gates, layer_type
+        )
         eta = _strength_at(learning_rate, state.count)
         new = {}
         for p, s in specs.items():

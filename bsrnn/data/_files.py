@@ -3,23 +3,21 @@
 from pathlib import Path
 
 
-def existing_file(path: str | Path, expected: str) -> Path:
-    """Returns `path` as a `Path`, or raises `FileNotFoundError` naming it and what it should be."""
+def _existing(path: str | Path, expected: str, is_dir: bool) -> Path:
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_dir() if is_dir else path.is_file()):
         raise FileNotFoundError(
-            f"{path}: no such file; expected {expected}. "
+            f"{path}: no such {'folder' if is_dir else 'file'}; expected {expected}. "
             "Pass the path of your own copy of the data."
         )
     return path
+
+
+def existing_file(path: str | Path, expected: str) -> Path:
+    """Returns `path` as a `Path`, or raises `FileNotFoundError` naming it and what it should be."""
+    return _existing(path, expected, is_dir=False)
 
 
 def existing_dir(path: str | Path, expected: str) -> Path:
     """Returns `path` as a `Path`, or raises `FileNotFoundError` naming it and what it should be."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path}: no such folder; expected {expected}. "
-            "Pass the path of your own copy of the data."
-        )
-    return path
+    return _existing(path, expected, is_dir=True)
