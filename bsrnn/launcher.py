@@ -6,8 +6,8 @@ dict of config overrides per member, keys as on the command line without ``confi
 member in its own sub-workdir ``<workdir>/<NN>_<values>``, then writes
 ``<workdir>/sweep_summary.json`` and ``sweep_summary.txt``, a table of the members'
 reports. Members run one after another in this process, or with ``--sweep_workers=N``
-in N processes at once, each pinned to its own GPU through ``CUDA_VISIBLE_DEVICES``
-(on CPUs they share the cores). Members whose sub-workdir already holds a
+in N processes at once, spread over the GPUs through ``CUDA_VISIBLE_DEVICES`` (workers
+that share a GPU split its memory; on CPUs they share the cores). Members whose sub-workdir already holds a
 ``report.json`` are not run again, so a sweep resumes like a run.
 
 Multi-host runs start one ``launch.py`` per process with the same flags plus
@@ -186,7 +186,7 @@ def run_sweep(
       sweep: the sweep file, ``path[:arg]``.
       workdir: the sweep's folder; member i runs in ``<workdir>/<member_name>``.
       workers: members at once; above 1, each runs as ``launch.py`` in its own process
-        (``base_args`` plus its overrides), on GPU ``i mod workers`` of the visible ones.
+        (``base_args`` plus its overrides), on the GPUs as :func:`worker_env` assigns them.
       base_args: the ``--config`` flags that rebuild ``config`` in a worker process.
 
     Returns:
@@ -224,11 +224,39 @@ def run_sweep(
     return sum(m["report"] is None for m in summary)
 
 
+def visible_gpus() -> list[str]:
+    """The GPU ids a worker may be pinned to: ``$CUDA_VISIBLE_DEVICES``, else those that
+    ``nvidia-smi -L`` lists, else none (a CPU machine). Asking JAX instead would make the
+    parent process take GPU memory that the workers need."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return visible.split(",")
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_env(slot: int, workers: int, gpus: Sequence[str]) -> dict[str, str]:
+    """Environment additions for worker ``slot`` of ``workers``: its GPU (``slot mod
+    len(gpus)``) and, where several workers share one GPU, an equal share of its memory
+    (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.9 split between them; a value already set in the
+    environment wins). No GPUs: nothing (workers share the CPU cores)."""
+    if not gpus:
+        return {}
+    env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}
+    sharing = -(-workers // len(gpus))
+    if sharing > 1 and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / sharing:.3f}"
+    return env
+
+
 def _run_in_processes(
     members: list[dict[str, Any]], workdir: Path, workers: int, base_args: Sequence[str]
 ) -> None:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(workers)]
+    gpus = visible_gpus()
     running: dict[int, tuple[subprocess.Popen, dict[str, Any], Any]] = {}
     queue = list(members)
     while queue or running:
@@ -243,7 +271,7 @@ def _run_in_processes(
             ]
             (sub / "command.txt").write_text(" ".join(command) + "\n")
             log = (sub / "log.txt").open("w")
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices[slot % len(devices)])
+            env = dict(os.environ, **worker_env(slot, workers, gpus))
             logging.info("Sweep member %s on device slot %d", member["name"], slot)
             running[slot] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                               env=env), member, log)

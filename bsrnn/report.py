@@ -4,6 +4,7 @@
   step and split) and TensorBoard event files (``<workdir>/tensorboard``).
 * :func:`layer_sparsity`, :func:`param_counts`, :func:`weight_percentiles`: numbers of the
   prunable kernels, computed from the params and the ``masks`` collection.
+* :func:`save_masks`, :func:`load_masks`: the final masks as a small ``masks.npz``.
 * :func:`format_report`, :func:`format_sweep`: the readable tables printed at the end of a
   run and of a sweep.
 
@@ -155,6 +156,30 @@ def weight_percentiles(
         for kind, values in by_type.items()
         if sum(v.size for v in values)
     }
+
+
+def save_masks(path: str | Path, masks: Any) -> None:
+    """Write every mask of the ``masks`` collection to ``path`` (``.npz``), keyed by its
+    ``/``-joined module path (``layer_0/recurrent_z/kernel``), bit-packed and compressed
+    (a 512x512 mask takes a few kB); :func:`load_masks` reads it back."""
+    flat = traverse_util.flatten_dict(masks) if masks else {}
+    arrays = {}
+    for key, mask in flat.items():
+        mask = np.asarray(mask, dtype=bool)
+        name = "/".join(key)
+        arrays[name] = np.packbits(mask, axis=None)
+        arrays[name + ":shape"] = np.asarray(mask.shape, dtype=np.int64)
+    np.savez_compressed(path, **arrays)
+
+
+def load_masks(path: str | Path) -> dict[str, np.ndarray]:
+    """The masks that :func:`save_masks` wrote: ``{module path: bool array}``."""
+    with np.load(path) as data:
+        return {
+            name: np.unpackbits(data[name], count=int(np.prod(data[name + ":shape"])))
+            .astype(bool).reshape(data[name + ":shape"])
+            for name in data.files if not name.endswith(":shape")
+        }
 
 
 def _number(value: Any) -> str:

@@ -35,7 +35,8 @@ One run, from a config (see ``experiments/configs``) into a working directory:
 * **Logs**: ``<workdir>/metrics.jsonl``, TensorBoard files in ``<workdir>/tensorboard``,
   per-layer sparsity every ``log_every`` steps, a progress bar with rate and ETA.
 * **Report**: ``<workdir>/report.json`` (final metrics, sparsity overall and per layer,
-  total and nonzero parameters, method, blocks, wall time, config), printed as a table.
+  total and nonzero parameters, method, blocks, wall time, config), printed as a table, and
+  ``<workdir>/masks.npz``, the final masks (:func:`bsrnn.report.load_masks` reads them).
 
 A NaN or infinite loss (or gradient norm) stops the run with ``FloatingPointError``
 before anything non-finite is saved; the last good checkpoint stays.
@@ -426,6 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if primary:
         result = build_report(config, workdir, state, final,
                               previous_time + time.time() - started)
+        report.save_masks(workdir / "masks.npz", jax.device_get(state.masks))
         (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
         print(report.format_report(result), flush=True)
     return state

@@ -14,6 +14,7 @@ import pytest
 from conftest import tiny_ds2_config, tiny_lm_config, write_tiny_an4
 from flax import traverse_util
 
+from bsrnn import report as report_lib
 from bsrnn import train
 
 
@@ -68,6 +69,11 @@ def test_short_run_learns_and_reaches_the_scheduled_sparsity(tiny_text, tmp_path
     # Per-layer sparsity is logged as training goes, rising to the target.
     logged = [r["sparsity/total"] for r in records(tmp_path) if r["split"] == "train"]
     assert 0.0 < logged[0] < logged[-1] and logged == sorted(logged)
+    # masks.npz holds the final masks bit for bit, odd shapes (16, 12) included.
+    saved = report_lib.load_masks(tmp_path / "masks.npz")
+    assert set(saved) == set(masks)
+    for path, mask in masks.items():
+        np.testing.assert_array_equal(saved[path], mask)
     assert logged[-1] == pytest.approx(report["sparsity"]["total"]["sparsity"])
 
 
