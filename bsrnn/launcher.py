@@ -7,8 +7,9 @@ member in its own sub-workdir ``<workdir>/<NN>_<values>``, then writes
 ``<workdir>/sweep_summary.json`` and ``sweep_summary.txt``, a table of the members'
 reports. Members run one after another in this process, or with ``--sweep_workers=N``
 in N processes at once, spread over the GPUs through ``CUDA_VISIBLE_DEVICES`` (workers
-that share a GPU split its memory; on CPUs they share the cores). Members whose sub-workdir already holds a
-``report.json`` are not run again, so a sweep resumes like a run.
+that share a GPU split its memory; on CPUs they share the cores). Members whose
+sub-workdir already holds a ``report.json`` are not run again, so a sweep resumes like a
+run.
 
 Multi-host runs start one ``launch.py`` per process with the same flags plus
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or, without them,
@@ -101,10 +102,10 @@ def main(parsed: flags.FlagValues) -> None:
             raise ValueError("--sweep runs on one host; drop the multi-host flags, or launch "
                              "each member as its own multi-host run.")
         if parsed.sweep:
-            config_flag = parsed["config"]
-            base_args = [f"--config={config_flags.get_config_filename(config_flag)}"] + [
-                f"--config.{k}={_cli_value(v)}"
-                for k, v in config_flags.get_override_values(config_flag).items()
+            config_holder = parsed["config"]
+            base_args = [f"--config={config_flags.get_config_filename(config_holder)}"] + [
+                config_flag(k, v)
+                for k, v in config_flags.get_override_values(config_holder).items()
             ]
             failed = run_sweep(config, parsed.sweep, parsed.workdir,
                                workers=parsed.sweep_workers, base_args=base_args)
@@ -171,8 +172,9 @@ def member_name(index: int, overrides: dict[str, Any]) -> str:
     return "_".join([f"{index:02d}", *values])[:80]
 
 
-def _cli_value(value: Any) -> str:
-    return repr(tuple(value)) if isinstance(value, tuple | list) else str(value)
+def config_flag(key: str, value: Any) -> str:
+    """The ``launch.py`` flag that sets config ``key`` (``"a.b"``) to ``value``."""
+    return f"--config.{key}={repr(tuple(value)) if isinstance(value, tuple | list) else value}"
 
 
 def run_sweep(
@@ -207,7 +209,11 @@ def run_sweep(
             except USER_ERRORS as e:
                 member["error"] = str(e)
     else:
-        _run_in_processes(todo, workdir, workers, base_args)
+        for member in todo:
+            member["workdir"] = workdir / member["name"]
+            member["args"] = [*base_args, *(config_flag(k, v)
+                                            for k, v in member["overrides"].items())]
+        run_in_processes(todo, workers)
     summary = []
     for member in members:
         path = workdir / member["name"] / "report.json"
@@ -253,34 +259,38 @@ def worker_env(slot: int, workers: int, gpus: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def _run_in_processes(
-    members: list[dict[str, Any]], workdir: Path, workers: int, base_args: Sequence[str]
-) -> None:
+def run_in_processes(jobs: list[dict[str, Any]], workers: int) -> None:
+    """Run ``launch.py`` once per job, ``workers`` at a time, spread over the GPUs
+    (:func:`worker_env`).
+
+    Args:
+      jobs: dicts with ``workdir`` (a Path; gets ``command.txt`` and ``log.txt``) and
+        ``args`` (the ``launch.py`` flags besides ``--workdir``). A job that fails gets
+        ``error``, the last line of its log.
+      workers: jobs at once.
+    """
     gpus = visible_gpus()
     running: dict[int, tuple[subprocess.Popen, dict[str, Any], Any]] = {}
-    queue = list(members)
+    queue = list(jobs)
     while queue or running:
         for slot in range(workers):
             if slot in running or not queue:
                 continue
-            member = queue.pop(0)
-            sub = workdir / member["name"]
-            sub.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, str(LAUNCH), *base_args, f"--workdir={sub}"] + [
-                f"--config.{k}={_cli_value(v)}" for k, v in member["overrides"].items()
-            ]
-            (sub / "command.txt").write_text(" ".join(command) + "\n")
-            log = (sub / "log.txt").open("w")
+            job = queue.pop(0)
+            job["workdir"].mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, str(LAUNCH), *job["args"], f"--workdir={job['workdir']}"]
+            (job["workdir"] / "command.txt").write_text(" ".join(command) + "\n")
+            log = (job["workdir"] / "log.txt").open("w")
             env = dict(os.environ, **worker_env(slot, workers, gpus))
-            logging.info("Sweep member %s on device slot %d", member["name"], slot)
+            logging.info("Job %s on worker slot %d", job["workdir"], slot)
             running[slot] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                              env=env), member, log)
-        for slot, (process, member, log) in list(running.items()):
+                                              env=env), job, log)
+        for slot, (process, job, log) in list(running.items()):
             if process.poll() is not None:
                 log.close()
                 if process.returncode:
-                    tail = (workdir / member["name"] / "log.txt").read_text().strip()
+                    tail = (job["workdir"] / "log.txt").read_text().strip()
                     last = tail.splitlines()[-1] if tail else ""
-                    member["error"] = last or f"exit status {process.returncode}"
+                    job["error"] = last or f"exit status {process.returncode}"
                 del running[slot]
         time.sleep(0.5)
