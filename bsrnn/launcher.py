@@ -259,7 +259,9 @@ def worker_env(slot: int, workers: int, gpus: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def run_in_processes(jobs: list[dict[str, Any]], workers: int) -> None:
+def run_in_processes(
+    jobs: list[dict[str, Any]], workers: int, deadline: float = float("inf")
+) -> None:
     """Run ``launch.py`` once per job, ``workers`` at a time, spread over the GPUs
     (:func:`worker_env`).
 
@@ -268,11 +270,23 @@ def run_in_processes(jobs: list[dict[str, Any]], workers: int) -> None:
         ``args`` (the ``launch.py`` flags besides ``--workdir``). A job that fails gets
         ``error``, the last line of its log.
       workers: jobs at once.
+      deadline: seconds from now after which no job starts and running ones are stopped
+        (their checkpoints stay, so the same jobs resume later).
     """
     gpus = visible_gpus()
     running: dict[int, tuple[subprocess.Popen, dict[str, Any], Any]] = {}
     queue = list(jobs)
+    stop_at = time.time() + deadline
     while queue or running:
+        if time.time() > stop_at:
+            for process, job, log in running.values():
+                process.terminate()
+                process.wait()
+                log.close()
+                job["error"] = f"stopped at the {deadline:.0f} s deadline"
+            for job in queue:
+                job["error"] = "not started before the deadline"
+            return
         for slot in range(workers):
             if slot in running or not queue:
                 continue

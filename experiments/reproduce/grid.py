@@ -1,0 +1,260 @@
+r"""The paper-reproduction grid (SPEC §2.5, P2, P3) at AN4 and PTB scale: every run, by study.
+
+Studies (``python experiments/reproduce/grid.py list`` prints every run and its command):
+
+* ``an4_main``: P1's main table on CMU AN4 (CTC, test CER and WER), DS2-style bidirectional
+  clipped-ReLU RNN and forward GRU with row convolution, 3 recurrent layers. The ladder,
+  scaled from P1's 1760 / 704 / 2560 / 3072 (RNN) and 2560 / 704 / 3584 (GRU): a dense
+  "big" model of 512 (AN4's 948 utterances do not support much more); a dense "small"
+  model of 192, whose weights are about as many as the big model's nonzeros at 90%
+  (192² / 512² = 0.14, P1's 704² / 1760² = 0.16); larger sparse models of 768 and 896
+  (RNN, 1.5x and 1.75x the big one, as P1's 2560 and 3072 are of 1760) and 704 (GRU,
+  1.375x, as 3584 of 2560). Rows dense, WP (1x1), BP 4x4, GL and GLP at 512; GLP and BP
+  on the larger sizes. Two seeds each. Pruning: the cubic schedule to 90% of every matrix
+  (equal sparsity makes rows comparable; P1 tunes its threshold per run to get there).
+* ``ptb_main``: the same ladder and rows on Penn Treebank words (perplexity), GRU and
+  LSTM of 2 layers, 512 / 192 / 768.
+* ``ptb_p3``: P3's block-diagonal recurrent matrices, LSTM, G in {2, 4, 8, 16} (G = 1 is
+  ``ptb_main``'s dense 512) at equal hidden size (512) and at equal recurrent weights
+  (H = 512·√G, so H²/G stays 512²).
+* ``an4_blocks``: P1's block-size table with one schedule: P2's gradual threshold with
+  θ_b = θ·N_b^(1/4), q from the dense 512 run of ``an4_main`` (seed 0), blocks 1x1,
+  4x4, 12x2, 8x8, 16x16 and 32x32, RNN and GRU 512. Its per-layer sparsity also tests
+  claim (f).
+* ``an4_reductions``: the block reductions max, mean, rms, geomean and median at 4x4 and
+  16x16 (RNN 512, cubic to 90%; max at 4x4 is ``an4_main``'s BP row).
+* ``an4_sparsity``: BP 4x4 at 70%, 80%, 95% and 97% (90% is ``an4_main``'s), for the
+  accuracy-against-sparsity curve.
+* ``an4_oneshot``: P2's comparison, one-shot pruning to 90% at 40% of training (then
+  training on) against ``an4_main``'s gradual BP and WP at the same final count.
+
+Run studies (several processes share each GPU; a run whose ``report.json`` is already
+under ``--results`` is skipped; ``--deadline`` stops the rest and keeps what finished)::
+
+    python experiments/reproduce/grid.py run --studies=an4_main,ptb_main \
+        --workdir=/tmp/grid --workers=16 --deadline=540
+    python experiments/reproduce/grid.py collect --workdir=/tmp/grid
+
+``collect`` copies each finished run's ``report.json``, ``metrics.jsonl`` and
+``command.txt`` (and ``masks.npz`` for the runs the plots need) to
+``experiments/results/<study>/<run>/``; ``experiments/reproduce/build.py`` makes the
+tables and plots from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bsrnn import launcher  # noqa: E402
+from bsrnn.configs import all_types  # noqa: E402
+
+RESULTS = REPO / "experiments" / "results"
+AN4 = "experiments/configs/an4_ds2.py"
+PTB = "experiments/configs/ptb_word.py"
+SEEDS = (0, 1)
+BLOCK_SHAPES = ((1, 1), (4, 4), (12, 2), (8, 8), (16, 16), (32, 32))
+REDUCTIONS = ("max", "mean", "rms", "geomean", "median")
+
+# AN4: 50 epochs of 32 utterances (948 / 32 = 29.6 steps an epoch).
+AN4_COMMON = {"batch_size": 32, "eval_every": 500, "checkpoint_every": 500}
+AN4_STEPS = 1500
+# PTB: 10 epochs of 32 x 35 words (929k / 1120 = 830 steps an epoch), dropout 0.4.
+PTB_COMMON = {"batch_size": 32, "eval_every": 2000, "checkpoint_every": 2000,
+              "model.dropout": 0.4}
+PTB_STEPS = 8300
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the grid.
+
+    Attributes:
+      study: its study (a folder of ``experiments/results``).
+      name: its name in the study, e.g. ``rnn512_bp_s0``.
+      config: ``--config`` of ``launch.py`` (file and arg).
+      overrides: config overrides, ``{"a.b": value}``.
+      keep_masks: whether ``collect`` keeps its ``masks.npz`` (for the plots).
+    """
+
+    study: str
+    name: str
+    config: str
+    overrides: dict[str, Any]
+    keep_masks: bool = False
+
+    def args(self) -> list[str]:
+        """The ``launch.py`` flags of this run, ``--workdir`` aside."""
+        return [f"--config={self.config}",
+                *(launcher.config_flag(k, v) for k, v in self.overrides.items())]
+
+
+def _an4(study: str, model: str, features: int, method: str, seed: int = 0,
+         suffix: str = "", keep_masks: bool = False, **overrides: Any) -> Run:
+    return Run(study, f"{model}{features}_{method}{suffix}_s{seed}",
+               f"{AN4}:model={model},features={features},method={method},steps={AN4_STEPS}",
+               {**AN4_COMMON, "seed": seed, **overrides}, keep_masks)
+
+
+def _ptb(study: str, cell: str, features: int, method: str, seed: int = 0,
+         suffix: str = "", **overrides: Any) -> Run:
+    return Run(study, f"{cell}{features}_{method}{suffix}_s{seed}",
+               f"{PTB}:cell={cell},features={features},method={method},steps={PTB_STEPS}",
+               {**PTB_COMMON, "seed": seed, **overrides})
+
+
+# (features, method) rows of the main tables: AN4 per model, PTB for both cells.
+_AT_512 = [(512, "dense"), (192, "dense"), (512, "wp"), (512, "bp"), (512, "gl"), (512, "glp")]
+AN4_ROWS = {"rnn": [*_AT_512, (768, "glp"), (896, "bp")],
+            "gru": [*_AT_512, (704, "bp"), (704, "glp")]}
+PTB_ROWS = [*_AT_512, (768, "bp"), (768, "glp")]
+
+
+def dense_q(study: str, name: str) -> dict[str, float]:
+    """P2's q per layer type: the 90th-percentile |w| of the dense run ``study/name``."""
+    path = RESULTS / study / name / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the gradual schedule takes q from that dense run; run its "
+            f"study first (grid.py run --studies={study}) and collect it.")
+    return json.loads(path.read_text())["weight_percentile_90"]
+
+
+def studies() -> dict[str, list[Run]]:
+    """Every study of the grid, ``{study: [Run, ...]}`` (see the module docstring)."""
+    grid: dict[str, list[Run]] = {}
+    grid["an4_main"] = [
+        _an4("an4_main", model, features, method, seed,
+             keep_masks=seed == 0 and features == 512 and method in ("wp", "bp"))
+        for model in ("rnn", "gru") for features, method in AN4_ROWS[model]
+        for seed in SEEDS
+    ]
+    grid["ptb_main"] = [
+        _ptb("ptb_main", cell, features, method, seed)
+        for cell in ("gru", "lstm") for features, method in PTB_ROWS for seed in SEEDS
+    ]
+    grid["ptb_p3"] = [
+        _ptb("ptb_p3", "lstm", features, "structural", suffix=f"G{g}",
+             **{"structure.num_modules": g})
+        for g in (2, 4, 8, 16)
+        for features in (512, g * round(512 * math.sqrt(g) / g))
+    ]
+    grid["an4_blocks"] = [
+        _an4("an4_blocks", model, 512, "bp", suffix=f"{bh}x{bw}",
+             keep_masks=model == "rnn" and (bh, bw) in ((1, 1), (4, 4), (32, 32)),
+             **{"prune.schedule": "gradual"},
+             **all_types("prune.block_shape", (bh, bw)),
+             **{f"prune.q.{kind}": q for kind, q in _q_or_placeholder(model).items()})
+        for model in ("rnn", "gru") for bh, bw in BLOCK_SHAPES
+    ]
+    grid["an4_reductions"] = [
+        _an4("an4_reductions", "rnn", 512, "bp", suffix=f"{shape[0]}x{shape[1]}{reduction}",
+             **all_types("prune.block_shape", shape), **all_types("prune.reduction", reduction))
+        for shape in ((4, 4), (16, 16)) for reduction in REDUCTIONS
+        if (shape, reduction) != ((4, 4), "max")
+    ]
+    grid["an4_sparsity"] = [
+        _an4("an4_sparsity", "rnn", 512, "bp", suffix=f"{round(100 * s)}",
+             **all_types("prune.sparsity", s))
+        for s in (0.7, 0.8, 0.95, 0.97)
+    ]
+    grid["an4_oneshot"] = [
+        # The cubic schedule from 39% to 40% with a recompute interval longer than that
+        # window prunes nothing at 39% (its start value is 0) and everything at 40%.
+        _an4("an4_oneshot", "rnn", 512, method, seed, suffix="oneshot",
+             **{"prune.begin_fraction": 0.39, "prune.ramp_fraction": 0.39,
+                "prune.end_fraction": 0.4, "prune.freq": 10_000})
+        for method in ("bp", "wp") for seed in SEEDS
+    ]
+    return grid
+
+
+def _q_or_placeholder(model: str) -> dict[str, float]:
+    """q of the dense AN4 ``model`` 512 run, or ``nan`` while that run is missing (``run``
+    refuses studies with nan in them, so ``list`` works before the dense runs exist)."""
+    try:
+        return dense_q("an4_main", f"{model}512_dense_s0")
+    except FileNotFoundError:
+        return {kind: math.nan for kind in ("input", "recurrent", "fc")}
+
+
+def _select(names: str) -> list[Run]:
+    grid = studies()
+    chosen = [s for s in names.split(",") if s]
+    unknown = [s for s in chosen if s not in grid]
+    if unknown:
+        raise SystemExit(f"grid.py: unknown studies {unknown}; known: {sorted(grid)}.")
+    runs = [run for study in chosen for run in grid[study]]
+    missing_q = [r.name for r in runs if any(
+        isinstance(v, float) and math.isnan(v) for v in r.overrides.values())]
+    if missing_q:
+        raise SystemExit(f"grid.py: {missing_q} need q from an4_main's dense runs; run and "
+                         "collect an4_main first.")
+    return runs
+
+
+def run(names: str, workdir: Path, workers: int, deadline: float) -> None:
+    """Train every run of the studies ``names`` not yet in ``experiments/results``."""
+    runs = [r for r in _select(names) if not (RESULTS / r.study / r.name / "report.json").exists()]
+    jobs = [{"workdir": workdir / r.study / r.name, "args": r.args()} for r in runs]
+    print(f"grid.py: {len(jobs)} runs, {workers} at a time", flush=True)
+    started = time.time()
+    launcher.run_in_processes(jobs, workers, deadline=deadline)
+    for job in jobs:
+        status = job.get("error", "done")
+        print(f"{job['workdir'].relative_to(workdir)}: {status}", flush=True)
+    print(f"grid.py: {time.time() - started:.0f} s", flush=True)
+
+
+def collect(workdir: Path) -> None:
+    """Copy the finished runs under ``workdir`` into ``experiments/results``."""
+    keep = {(r.study, r.name): r.keep_masks for runs in studies().values() for r in runs}
+    copied = 0
+    for report in sorted(workdir.glob("*/*/report.json")):
+        study, name = report.parent.parent.name, report.parent.name
+        target = RESULTS / study / name
+        target.mkdir(parents=True, exist_ok=True)
+        files = ["report.json", "metrics.jsonl", "command.txt"]
+        files += ["masks.npz"] if keep.get((study, name)) else []
+        for file in files:
+            if (report.parent / file).exists():
+                shutil.copy(report.parent / file, target / file)
+        copied += 1
+    print(f"grid.py: collected {copied} runs into {RESULTS}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print every run and its launch.py flags")
+    run_parser = sub.add_parser("run", help="train the runs of some studies")
+    run_parser.add_argument("--studies", required=True, help="comma-separated study names")
+    run_parser.add_argument("--workdir", type=Path, required=True)
+    run_parser.add_argument("--workers", type=int, default=1)
+    run_parser.add_argument("--deadline", type=float, default=math.inf,
+                            help="seconds after which unfinished runs are stopped")
+    collect_parser = sub.add_parser("collect", help="copy finished runs to experiments/results")
+    collect_parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "list":
+        for study, runs in studies().items():
+            for r in runs:
+                print(study, r.name, " ".join(r.args()))
+    elif args.command == "run":
+        run(args.studies, args.workdir, args.workers, args.deadline)
+    else:
+        collect(args.workdir)
+
+
+if __name__ == "__main__":
+    main()
