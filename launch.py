@@ -16,7 +16,7 @@ from bsrnn import launcher
 config_flags.DEFINE_config_file("config", None, f"Config file; default {launcher.DEFAULT_CONFIG}.")
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and report.json go here.", required=True)
 flags.DEFINE_string("sweep", None, "Sweep file (experiments/sweeps): one sub-workdir per member.")
-flags.DEFINE_integer("sweep_workers", 1, "Sweep members run at once, each in its own process (spread over the GPUs).")
+flags.DEFINE_integer("sweep_workers", 1, "Sweep members run at once, one process each.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id, 0 to N-1.")

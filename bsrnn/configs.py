@@ -124,7 +124,7 @@ def pruning(
     ))
     group_lasso = ml_collections.ConfigDict(dict(
         glp_strength=per_type(glp_strength), gl_strength=per_type(gl_strength),
-        proximal=False, cut_threshold=1e-3,
+        proximal=False,
     ))
     structure = ml_collections.ConfigDict(dict(num_modules=num_modules))
     return dict(prune=prune, group_lasso=group_lasso, structure=structure)

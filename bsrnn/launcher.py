@@ -7,7 +7,7 @@ member in its own sub-workdir ``<workdir>/<NN>_<values>``, then writes
 ``<workdir>/sweep_summary.json`` and ``sweep_summary.txt``, a table of the members'
 reports. Members run one after another in this process, or with ``--sweep_workers=N``
 in N processes at once, spread over the GPUs through ``CUDA_VISIBLE_DEVICES`` (workers
-that share a GPU split its memory; on CPUs they share the cores). Members whose
+that share a GPU allocate as they go; on CPUs they share the cores). Members whose
 sub-workdir already holds a ``report.json`` are not run again, so a sweep resumes like a
 run.
 
@@ -247,15 +247,16 @@ def visible_gpus() -> list[str]:
 
 def worker_env(slot: int, workers: int, gpus: Sequence[str]) -> dict[str, str]:
     """Environment additions for worker ``slot`` of ``workers``: its GPU (``slot mod
-    len(gpus)``) and, where several workers share one GPU, an equal share of its memory
-    (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.9 split between them; a value already set in the
-    environment wins). No GPUs: nothing (workers share the CPU cores)."""
+    len(gpus)``) and, where several workers share one GPU, ``XLA_PYTHON_CLIENT_PREALLOCATE
+    =false``, so each takes the memory it uses instead of a fixed share (a share large
+    enough for the largest member leaves the CUDA contexts of the others without room; a
+    value already set in the environment wins). No GPUs: nothing (workers share the CPU
+    cores)."""
     if not gpus:
         return {}
     env = {"CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}
-    sharing = -(-workers // len(gpus))
-    if sharing > 1 and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / sharing:.3f}"
+    if workers > len(gpus) and "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
 
 

@@ -19,7 +19,10 @@ group soft-threshold (**not from P1**) runs after the optimizer instead.
 
 GL's cut: P1's GL has no pruning schedule; the regulariser drives blocks towards zero.
 To turn "near zero" into masks, GL prunes once, at the end step of the pruning schedule,
-every block whose score is below ``group_lasso.cut_threshold``.
+the ``prune.sparsity`` fraction of each matrix's blocks with the lowest scores (our rule:
+P1 does not say how its GL masks were cut). A fixed threshold on the block norm would not
+do: under Adam the subgradient leaves unimportant blocks oscillating at the scale of the
+learning rate instead of at zero, so no threshold separates them reliably.
 
 Which kernels are pruned: those that have a mask (see :mod:`bsrnn.models`) and whose
 layer type (:func:`bsrnn.pruning.default_layer_type`) is in ``prune.layer_types``.
@@ -124,15 +127,15 @@ def pruning_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.
     return result
 
 
-def _gl_cut(config: ml_collections.ConfigDict) -> schedules.GradualThreshold:
-    """A schedule that prunes once, at the end step, with ε = ``cut_threshold``.
+def _gl_cut(config: ml_collections.ConfigDict, kind: str) -> schedules.CubicSparsity:
+    """A schedule that prunes once, at the end step e, the ``prune.sparsity`` fraction of
+    the blocks of each ``kind`` matrix with the lowest scores.
 
-    With start_itr = ramp_itr = e − 1, end_itr = e + 1, freq 1 and both slopes c/3, P2's
-    Algorithm 1 has exactly one update step, e, where ε = c/3·1 + c/3·2 = c.
+    The cubic schedule from e − 1 to e has two updates: at e − 1 its target is 0 (nothing
+    is pruned), at e it is the final sparsity.
     """
     end = max(schedule_steps(config)["end"], 1)
-    slope = config.group_lasso.cut_threshold / 3
-    return schedules.GradualThreshold(end - 1, end - 1, end + 1, slope, slope, freq=1)
+    return schedules.CubicSparsity(config.prune.sparsity[kind], end - 1, end, freq=1)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -222,7 +225,7 @@ def create_optimizer(
         ), lr
     strength = _by_type(gl.gl_strength if method == "gl" else gl.glp_strength)
     if method == "gl":
-        schedule = {kind: _gl_cut(config) for kind in p.layer_types}
+        schedule = {kind: _gl_cut(config, kind) for kind in p.layer_types}
     else:
         schedule = pruning_schedules(config)
     prune = pruning.block_prune(schedule, block_shape, reduction, mode=p.mode,

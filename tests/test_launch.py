@@ -122,14 +122,14 @@ def test_every_config_and_sweep_loads():
     assert shapes == [(1, 1), (4, 4), (12, 2), (8, 8), (16, 16), (32, 32)]
 
 
-def test_workers_share_gpus_round_robin_with_a_memory_share(monkeypatch):
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-    # 6 workers on 2 GPUs: 3 per GPU, each 0.9 / 3 of its memory.
+def test_workers_share_gpus_round_robin_and_allocate_as_they_go(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    # 6 workers on 2 GPUs: 3 per GPU, none preallocating XLA's default 75% of it.
     envs = [launcher.worker_env(slot, 6, ["0", "1"]) for slot in range(6)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0", "1", "0", "1"]
-    assert {e["XLA_PYTHON_CLIENT_MEM_FRACTION"] for e in envs} == {"0.300"}
-    # One worker per GPU keeps XLA's default; no GPU sets nothing; the user's fraction wins.
+    assert {e["XLA_PYTHON_CLIENT_PREALLOCATE"] for e in envs} == {"false"}
+    # One worker per GPU keeps XLA's default; no GPU sets nothing; the user's choice wins.
     assert launcher.worker_env(1, 2, ["4", "7"]) == {"CUDA_VISIBLE_DEVICES": "7"}
     assert launcher.worker_env(0, 4, []) == {}
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.1")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
     assert launcher.worker_env(2, 4, ["0"]) == {"CUDA_VISIBLE_DEVICES": "0"}

@@ -46,14 +46,15 @@ def test_only_masked_kernels_of_the_listed_types_are_prunable():
         methods.prunable_layer_type(MASKS, ("conv",))
 
 
-def test_gl_cut_prunes_once_at_the_end_step_with_the_cut_threshold():
+def test_gl_cut_prunes_once_at_the_end_step_to_the_target_sparsity():
     config = tiny_config("gl")
-    config.group_lasso.cut_threshold = 0.02
-    cut = methods._gl_cut(config)
+    config.prune.sparsity.recurrent = 0.8
+    cut = methods._gl_cut(config, "recurrent")
     steps = np.arange(1000)
-    updates = np.asarray(cut.is_update_step(steps))
-    assert steps[updates].tolist() == [500]  # end_fraction 0.5 of 1000 steps
-    assert float(cut.threshold(500)) == pytest.approx(0.02)
+    updates = steps[np.asarray(cut.is_update_step(steps))].tolist()
+    assert updates == [499, 500]  # end_fraction 0.5 of 1000 steps, and the step before
+    assert [float(cut.sparsity(s)) for s in (0, 498, 499, 500, 999)] == pytest.approx(
+        [0, 0, 0, 0.8, 0.8])
 
 
 def test_gradual_schedule_is_p2_eq1_scaled_for_blocks():

@@ -69,10 +69,10 @@ REDUCTIONS = ("max", "mean", "rms", "geomean", "median")
 # AN4: 50 epochs of 32 utterances (948 / 32 = 29.6 steps an epoch).
 AN4_COMMON = {"batch_size": 32, "eval_every": 500, "checkpoint_every": 500}
 AN4_STEPS = 1500
-# PTB: 10 epochs of 32 x 35 words (929k / 1120 = 830 steps an epoch), dropout 0.4.
-PTB_COMMON = {"batch_size": 32, "eval_every": 2000, "checkpoint_every": 2000,
+# PTB: 9.6 epochs of 64 x 35 words (929k / 2240 = 415 steps an epoch), dropout 0.4.
+PTB_COMMON = {"batch_size": 64, "eval_every": 2000, "checkpoint_every": 2000,
               "model.dropout": 0.4}
-PTB_STEPS = 8300
+PTB_STEPS = 4000
 
 
 @dataclasses.dataclass(frozen=True)
