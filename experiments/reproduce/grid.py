@@ -190,13 +190,13 @@ def _q_or_placeholder(model: str) -> dict[str, float]:
         return {kind: math.nan for kind in ("input", "recurrent", "fc")}
 
 
-def _select(names: str) -> list[Run]:
+def _select(names: str, match: str = "") -> list[Run]:
     grid = studies()
     chosen = [s for s in names.split(",") if s]
     unknown = [s for s in chosen if s not in grid]
     if unknown:
         raise SystemExit(f"grid.py: unknown studies {unknown}; known: {sorted(grid)}.")
-    runs = [run for study in chosen for run in grid[study]]
+    runs = [run for study in chosen for run in grid[study] if re.search(match, run.name)]
     missing_q = [r.name for r in runs if any(
         isinstance(v, float) and math.isnan(v) for v in r.overrides.values())]
     if missing_q:
@@ -208,8 +208,8 @@ def _select(names: str) -> list[Run]:
 def run(names: str, workdir: Path, workers: int, deadline: float, match: str = "") -> None:
     """Train every run of the studies ``names`` not yet in ``experiments/results`` whose
     name matches the regular expression ``match``."""
-    runs = [r for r in _select(names) if not (RESULTS / r.study / r.name / "report.json").exists()]
-    runs = [r for r in runs if re.search(match, r.name)]
+    runs = [r for r in _select(names, match)
+            if not (RESULTS / r.study / r.name / "report.json").exists()]
     # Seed 0 of every run first: the later seeds compile the same programs, which they then
     # find in the shared compilation cache.
     runs.sort(key=lambda r: r.overrides.get("seed", 0))
