@@ -1,0 +1,334 @@
+r"""Rebuild every table and plot of the paper reproduction from ``experiments/results``.
+
+    python experiments/reproduce/build.py
+
+writes ``experiments/results/TABLES.md`` (P1's table form: model, algorithm, nonzero
+parameters, sparsity, metric as mean ± half-range over seeds, relative to the dense
+baseline, and the paper's row beside ours) and the plots in ``experiments/results/plots``.
+A study or run that has not been trained yet is listed as missing, never invented.
+
+"Relative" is P1's: (dense − ours) / dense for an error or a perplexity, so a worse
+result is negative. The dense baseline of a table is its dense "big" model (512), the mean
+over its seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bsrnn import methods, report  # noqa: E402
+
+RESULTS = REPO / "experiments" / "results"
+PLOTS = RESULTS / "plots"
+
+# P1's rows (SPEC §2.5), beside the rows of ours that play the same part in the ladder.
+P1_MAIN = {
+    ("rnn", 512, "dense"): "RNN Dense 1760: 0.0%, CER 15.36",
+    ("rnn", 192, "dense"): "RNN Dense 704: 0.0%, CER 18.95 (−23.4%)",
+    ("rnn", 512, "bp"): "RNN Sparse 1760 BP: 89.2%, CER 17.93 (−16.7%)",
+    ("rnn", 768, "glp"): "RNN Sparse 2560 GLP: 90.8%, CER 15.89 (−3.4%)",
+    ("rnn", 896, "bp"): "RNN Sparse 3072 BP: 87.3%, CER 15.66 (−1.9%)",
+    ("gru", 512, "dense"): "GRU Dense 2560: 0.0%, CER 15.42",
+    ("gru", 192, "dense"): "GRU Dense 704: 0.0%, CER 21.26 (−37.9%)",
+    ("gru", 512, "glp"): "GRU Sparse 2560 GLP: 90.6%, CER 16.78 (−8.8%)",
+    ("gru", 704, "bp"): "GRU Sparse 3584 BP: 88.4%, CER 16.23 (−5.2%)",
+}
+P1_GL = {  # P1's GL against GLP table is for the RNN only.
+    ("gl", 512): "RNN 1760 GL: 83.3%, −96.0%",
+    ("glp", 512): "RNN 1760 GLP: 90.8%, −25.3%",
+    ("gl", 768): "RNN 2560 GL: 82.8%, −78.4%",
+    ("glp", 768): "RNN 2560 GLP: 90.8%, −3.4%",
+}
+P1_BLOCKS = {
+    ("rnn", "1x1"): "89.2%, −12.8%", ("rnn", "4x4"): "89.2%, −16.7%",
+    ("rnn", "12x2"): "84.1%, −10.0%", ("rnn", "8x8"): "84.1%, −14.9%",
+    ("rnn", "16x16"): "83.6%, −11.3%", ("rnn", "32x32"): "79.1%, −8.5%",
+    ("gru", "1x1"): "88.7%, −7.3%", ("gru", "4x4"): "86.0%, −10.5%",
+    ("gru", "16x16"): "81.9%, −9.2%",
+}
+# Run names of grid.py: <model><features>_<method><variant>_s<seed>.
+NAME = re.compile(
+    r"^(?P<model>[a-z]+)(?P<features>\d+)_(?P<method>[a-z]+)(?P<variant>.*)_s(?P<seed>\d+)$")
+
+
+def load(study: str) -> list[dict[str, Any]]:
+    """The runs of ``study``: each report with ``name`` fields (model, features, method,
+    variant, seed) and the folder (``dir``)."""
+    runs = []
+    for path in sorted((RESULTS / study).glob("*/report.json")):
+        fields = NAME.match(path.parent.name).groupdict()
+        runs.append({**json.loads(path.read_text()), **fields, "features": int(fields["features"]),
+                     "seed": int(fields["seed"]), "dir": path.parent})
+    return runs
+
+
+def metric(run: dict[str, Any]) -> float:
+    """The headline number of a run: test CER in % (speech) or test perplexity (words)."""
+    test = run["metrics"]["test"]
+    return 100 * test["cer"] if "cer" in test else test["perplexity"]
+
+
+def summary(values: Sequence[float]) -> str:
+    """``mean ± half-range (n)``; one value alone as it is."""
+    values = list(values)
+    mean = float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.2f} (1 seed)"
+    return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f} ({len(values)} seeds)"
+
+
+def relative(value: float, dense: float | None) -> str:
+    """P1's relative change: (dense − value) / dense, in %."""
+    return "" if dense is None else f"{100 * (dense - value) / dense:+.1f}%"
+
+
+def grouped(runs: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    """Runs grouped by the values of ``keys``, seeds together."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        groups[tuple(run[k] for k in keys)].append(run)
+    return groups
+
+
+def dense_baseline(runs: list[dict[str, Any]], model: str) -> float | None:
+    """Mean metric of ``model``'s dense 512 runs in ``runs``."""
+    values = [metric(r) for r in runs
+              if (r["model"], r["features"], r["method"]) == (model, 512, "dense")]
+    return float(np.mean(values)) if values else None
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
+def main_table(study: str, metric_name: str, paper: dict | None) -> list[str]:
+    """P1's main table for ``study`` (one block of rows per model)."""
+    runs = load(study)
+    if not runs:
+        return [f"*{study}: not run yet.*", ""]
+    rows = []
+    for model in sorted({r["model"] for r in runs}, key=["rnn", "gru", "lstm"].index):
+        dense = dense_baseline(runs, model)
+        groups = grouped([r for r in runs if r["model"] == model], "features", "method")
+        for (features, method), group in sorted(groups.items(), key=lambda item: _row_order(
+                *item[0])):
+            values = [metric(r) for r in group]
+            rows.append([
+                f"{model.upper()} {features}", method.upper() if method != "dense" else "dense",
+                f"{group[0]['params']['nonzero'] / 1e6:.2f}",
+                f"{100 * group[0]['sparsity']['total']['sparsity']:.1f}%",
+                summary(values), relative(float(np.mean(values)), dense),
+                *([paper.get((model, features, method), "")] if paper else []),
+            ])
+    return table(["model", "algorithm", "nonzero params (M)", "sparsity (prunable)",
+                  metric_name, "relative", *(["paper (P1)"] if paper else [])], rows)
+
+
+def _row_order(features: int, method: str) -> tuple:
+    """P1's order: dense big, dense small, then the sparse rows by size and method."""
+    methods_order = ["dense", "wp", "bp", "gl", "glp"]
+    if method == "dense":
+        return (0, -features)
+    return (1, features, methods_order.index(method))
+
+
+def gl_table() -> list[str]:
+    """GL against GLP (P1's second table) from ``an4_main``."""
+    runs = [r for r in load("an4_main") if r["method"] in ("gl", "glp")]
+    if not runs:
+        return ["*GL and GLP runs: not run yet.*", ""]
+    rows = []
+    for (model, features, method), group in grouped(runs, "model", "features", "method").items():
+        dense = dense_baseline(load("an4_main"), model)
+        values = [metric(r) for r in group]
+        rows.append([f"{model.upper()} {features}", method.upper(),
+                     f"{100 * group[0]['sparsity']['total']['sparsity']:.1f}%", summary(values),
+                     relative(float(np.mean(values)), dense),
+                     P1_GL.get((method, features), "") if model == "rnn" else
+                     f"(P1 has RNN rows only) {P1_GL.get((method, features), '')}"])
+    return table(["model", "algorithm", "sparsity", "test CER %", "relative", "paper (P1, RNN)"],
+                 rows)
+
+
+def blocks_table() -> list[str]:
+    """P1's block-size table from ``an4_blocks`` (gradual threshold, θ_b = θ·N_b^(1/4))."""
+    runs = load("an4_blocks")
+    if not runs:
+        return ["*an4_blocks: not run yet.*", ""]
+    main = load("an4_main")
+    order = ["1x1", "4x4", "12x2", "8x8", "16x16", "32x32"]
+    rows = []
+    for run in sorted(runs, key=lambda r: (r["model"], order.index(r["variant"]))):
+        dense = dense_baseline(main, run["model"])
+        rows.append([run["model"].upper(), run["variant"],
+                     f"{100 * run['sparsity']['total']['sparsity']:.1f}%",
+                     f"{metric(run):.2f}", relative(metric(run), dense),
+                     P1_BLOCKS.get((run["model"], run["variant"]), "")])
+    return table(["model", "block", "sparsity", "test CER %", "relative", "paper (P1)"], rows)
+
+
+def p3_table(study: str, dense_study: str) -> list[str]:
+    """P3: block-diagonal recurrent matrices, G modules, at equal H and equal weights."""
+    runs = load(study)
+    if not runs:
+        return [f"*{study}: not run yet.*", ""]
+    dense_runs = [r for r in load(dense_study) if r["model"] == runs[0]["model"]]
+    dense = dense_baseline(dense_runs, runs[0]["model"])
+    rows = [[1, 512, f"{512 ** 2:,} per gate (dense)", summary(
+        [metric(r) for r in dense_runs if r["features"] == 512 and r["method"] == "dense"]), ""]]
+    for run in sorted(runs, key=lambda r: (int(r["variant"].removeprefix("G")), r["features"])):
+        g = int(run["variant"].removeprefix("G"))
+        rows.append([g, run["features"], f"{run['features'] ** 2 // g:,} per gate",
+                     f"{metric(run):.2f}", relative(metric(run), dense)])
+    return table(["G", "hidden", "recurrent weights", "test perplexity", "relative"], rows)
+
+
+def _sparsity_curves(run: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    records = [json.loads(line) for line in (run["dir"] / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["split"] == "train"]
+    steps = np.array([r["step"] for r in records])
+    layers = [k for k in records[0] if k.startswith("sparsity/") and k != "sparsity/total"]
+    return steps, {k.removeprefix("sparsity/"): np.array([r[k] for r in records]) for k in layers}
+
+
+def plot_sparsity_vs_step(run: dict[str, Any], path: Path) -> None:
+    """P2 Fig. 2: each layer's sparsity against the step, with each layer type's ε."""
+    steps, curves = _sparsity_curves(run)
+    config = ml_collections.ConfigDict(run["config"])
+    schedules = methods.pruning_schedules(config)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in curves.items():
+        ax.plot(steps, 100 * values, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("sparsity (%)")
+    twin = ax.twinx()
+    grid = np.arange(config.num_steps)
+    for kind, schedule in schedules.items():
+        twin.plot(grid, np.asarray(schedule.threshold(grid)), "--", lw=1, label=f"ε {kind}")
+    twin.set_ylabel("threshold ε")
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center right")
+    ax.set_title(f"{run['dir'].parent.name}/{run['dir'].name}: sparsity and threshold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_final_sparsity_by_layer(runs: list[dict[str, Any]], path: Path) -> None:
+    """P1: final sparsity of each layer, input end first (claim (f))."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        layers = [k for k in run["sparsity"] if k != "total"]
+        ax.bar(np.arange(len(layers)) + i * width,
+               [100 * run["sparsity"][k]["sparsity"] for k in layers], width,
+               label=f"{run['model']}{run['features']} {run['variant']}")
+    ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers, rotation=30, ha="right",
+                  fontsize=7)
+    ax.set_ylabel("final sparsity (%)")
+    ax.set_title("final sparsity by layer, input end on the left (gradual threshold)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_connections_and_masks(runs: list[dict[str, Any]], layer: str, path: Path) -> None:
+    """P1: a histogram of each neuron's output connections (kept weights in its row of the
+    recurrent kernels, all gates), and the mask of one recurrent matrix, per run."""
+    fig, axes = plt.subplots(2, len(runs), figsize=(4 * len(runs), 7), squeeze=False)
+    for column, run in enumerate(runs):
+        masks = report.load_masks(run["dir"] / "masks.npz")
+        gates = sorted(k for k in masks if k.startswith(f"{layer}/recurrent_"))
+        connections = sum(masks[k].sum(axis=1) for k in gates)
+        axes[0, column].hist(connections, bins=40)
+        axes[0, column].set_title(f"{run['dir'].name}: output connections per neuron", fontsize=8)
+        axes[0, column].set_xlabel(f"kept weights in the neuron's rows of {len(gates)} gates")
+        axes[1, column].imshow(masks[gates[-1]][:128, :128], cmap="gray_r", interpolation="none")
+        axes[1, column].set_title(f"{gates[-1]}, top-left 128x128 (black: kept)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metric_vs_sparsity(runs: list[dict[str, Any]], dense: float, path: Path) -> None:
+    """P1: test CER against final sparsity."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = sorted((100 * r["sparsity"]["total"]["sparsity"], metric(r)) for r in runs)
+    ax.plot(*zip(*points, strict=True), "o-", label="BP 4x4, cubic schedule")
+    ax.axhline(dense, ls="--", color="gray", label="dense")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("test CER (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build() -> list[str]:
+    """Write TABLES.md and the plots; return the names of the plots not made (missing runs)."""
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    lines = ["# Paper reproduction: tables", "",
+             "Made by `python experiments/reproduce/build.py` from the runs in this folder "
+             "(each run's `command.txt` has its launch command; `experiments/reproduce/grid.py` "
+             "defines them). Metric: mean ± half the range over seeds.", "",
+             "## AN4, P1's main table (test CER %)", "",
+             *main_table("an4_main", "test CER %", P1_MAIN),
+             "## AN4, GL against GLP", "", *gl_table(),
+             "## AN4, block sizes (gradual threshold, θ_b = θ·N_b^(1/4), q of the dense 512)", "",
+             *blocks_table()]
+    for study, title in (("ptb_main", "PTB words (test perplexity)"),
+                         ("ptb_main_lr1", "PTB words, first pass at lr 1 (undertrained; "
+                          "test perplexity)")):
+        lines += [f"## {title}", "", *main_table(study, "test perplexity", None)]
+    for study, dense_study in (("ptb_p3", "ptb_main"), ("ptb_p3_lr1", "ptb_main_lr1")):
+        lines += [f"## P3 on PTB, LSTM ({study})", "", *p3_table(study, dense_study)]
+    (RESULTS / "TABLES.md").write_text("\n".join(lines))
+
+    missing = []
+    blocks = {(r["model"], r["variant"]): r for r in load("an4_blocks")}
+    main = {(r["model"], r["features"], r["method"], r["seed"]): r for r in load("an4_main")}
+    if ("gru", "1x1") in blocks:
+        plot_sparsity_vs_step(blocks[("gru", "1x1")], PLOTS / "sparsity_vs_step.png")
+        plot_final_sparsity_by_layer([blocks[("gru", v)] for v in ("1x1", "4x4", "12x2")
+                                      if ("gru", v) in blocks], PLOTS / "sparsity_by_layer.png")
+    else:
+        missing += ["sparsity_vs_step.png", "sparsity_by_layer.png"]
+    candidates = [main.get(("gru", 512, "wp", 0)), main.get(("gru", 512, "bp", 0)),
+                  blocks.get(("rnn", "32x32"))]
+    mask_runs = [r for r in candidates if r and (r["dir"] / "masks.npz").exists()]
+    if mask_runs:
+        plot_connections_and_masks(mask_runs, "rnn/layer_0", PLOTS / "connections_and_masks.png")
+    else:
+        missing.append("connections_and_masks.png")
+    ladder = [r for r in load("an4_sparsity")] + [
+        r for r in main.values() if (r["model"], r["features"], r["method"]) == ("rnn", 512, "bp")]
+    if len(ladder) >= 3:
+        plot_metric_vs_sparsity(ladder, dense_baseline(list(main.values()), "rnn"),
+                                PLOTS / "cer_vs_sparsity.png")
+    else:
+        missing.append("cer_vs_sparsity.png")
+    return missing
+
+
+if __name__ == "__main__":
+    not_made = build()
+    print(f"wrote {RESULTS / 'TABLES.md'} and {PLOTS}; not made (runs missing): {not_made}")
