@@ -155,9 +155,9 @@ def studies() -> dict[str, list[Run]]:
         _an4("an4_blocks", model, 512, "bp", suffix=f"{bh}x{bw}",
              keep_masks=model == "rnn" and (bh, bw) in ((1, 1), (4, 4), (32, 32)),
              **{"prune.schedule": "gradual"},
-             **all_types("prune.block_shape", (bh, bw)),
              # AN4's output layer is 512 x 28 (27 symbols and the blank): too narrow for 32.
-             **({"prune.block_shape.fc": (16, 16)} if bw > 28 else {}),
+             **{**all_types("prune.block_shape", (bh, bw)),
+                **({"prune.block_shape.fc": (16, 16)} if bw > 28 else {})},
              **{f"prune.q.{kind}": q for kind, q in _q_or_placeholder(model).items()})
         for model in ("rnn", "gru") for bh, bw in BLOCK_SHAPES
     ]
