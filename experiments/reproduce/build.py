@@ -162,8 +162,7 @@ def gl_table() -> list[str]:
         rows.append([f"{model.upper()} {features}", method.upper(),
                      f"{100 * group[0]['sparsity']['total']['sparsity']:.1f}%", summary(values),
                      relative(float(np.mean(values)), dense),
-                     P1_GL.get((method, features), "") if model == "rnn" else
-                     f"(P1 has RNN rows only) {P1_GL.get((method, features), '')}"])
+                     P1_GL.get((method, features), "")])
     return table(["model", "algorithm", "sparsity", "test CER %", "relative", "paper (P1, RNN)"],
                  rows)
 
