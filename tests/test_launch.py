@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, load_config, tiny_lm_config
@@ -133,3 +134,15 @@ def test_workers_share_gpus_round_robin_and_allocate_as_they_go(monkeypatch):
     assert launcher.worker_env(0, 4, []) == {}
     monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
     assert launcher.worker_env(2, 4, ["0"]) == {"CUDA_VISIBLE_DEVICES": "0"}
+
+
+def test_jobs_past_the_deadline_are_stopped_or_not_started(tiny_text, tmp_path):
+    # A million steps cannot finish in 4 s: the first job is stopped, the second never runs.
+    args = [*TINY, f"--config.data.path={tiny_text}", "--config.num_steps=1000000"]
+    jobs = [{"workdir": tmp_path / name, "args": args} for name in ("a", "b")]
+    started = time.time()
+    launcher.run_in_processes(jobs, workers=1, deadline=4)
+    assert time.time() - started < 60
+    assert jobs[0]["error"] == "stopped at the 4 s deadline"
+    assert jobs[1]["error"] == "not started before the deadline"
+    assert (tmp_path / "a" / "command.txt").exists() and not (tmp_path / "b").exists()
