@@ -7,7 +7,8 @@ with ``--config.method=...`` and every hyper-parameter below can be overridden:
   :mod:`bsrnn.methods` turns it into an optax chain.
 * ``prune``: the schedule and the blocks, with one value per layer type (``input``,
   ``recurrent``, ``fc``) for ``sparsity``, ``q``, ``block_shape`` and ``reduction``.
-* ``group_lasso``: λ_g per layer type for GL and for GLP, the proximal variant, GL's cut.
+* ``group_lasso``: λ_g per layer type for GL and for GLP, and the proximal variant (GL's
+  one cut prunes to ``prune.sparsity``; see :mod:`bsrnn.methods`).
 * ``structure``: P3's number of block-diagonal recurrent modules (method ``structural``).
 * ``optimizer``: optax optimizer, learning-rate schedule, gradient clipping.
 * ``mesh``: devices of the data-parallel axis (:mod:`bsrnn.sharding`); ``data=-1`` is all.

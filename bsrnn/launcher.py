@@ -27,6 +27,7 @@ import json
 import logging as py_logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -235,8 +236,8 @@ def visible_gpus() -> list[str]:
     ``nvidia-smi -L`` lists, else none (a CPU machine). Asking JAX instead would make the
     parent process take GPU memory that the workers need."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return visible.split(",")
+    if visible is not None:  # "" hides every GPU
+        return [d for d in visible.split(",") if d]
     try:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
                                  timeout=30).stdout
@@ -279,10 +280,22 @@ def run_in_processes(
     queue = list(jobs)
     stop_at = time.time() + deadline
     while queue or running:
+        for slot, (process, job, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                if process.returncode:
+                    tail = (job["workdir"] / "log.txt").read_text().strip()
+                    last = tail.splitlines()[-1] if tail else ""
+                    job["error"] = last or f"exit status {process.returncode}"
+                del running[slot]
         if time.time() > stop_at:
             for process, job, log in running.values():
                 process.terminate()
-                process.wait()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
                 log.close()
                 job["error"] = f"stopped at the {deadline:.0f} s deadline"
             for job in queue:
@@ -294,18 +307,10 @@ def run_in_processes(
             job = queue.pop(0)
             job["workdir"].mkdir(parents=True, exist_ok=True)
             command = [sys.executable, str(LAUNCH), *job["args"], f"--workdir={job['workdir']}"]
-            (job["workdir"] / "command.txt").write_text(" ".join(command) + "\n")
+            (job["workdir"] / "command.txt").write_text(shlex.join(command) + "\n")
             log = (job["workdir"] / "log.txt").open("w")
             env = dict(os.environ, **worker_env(slot, workers, gpus))
             logging.info("Job %s on worker slot %d", job["workdir"], slot)
             running[slot] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                               env=env), job, log)
-        for slot, (process, job, log) in list(running.items()):
-            if process.poll() is not None:
-                log.close()
-                if process.returncode:
-                    tail = (job["workdir"] / "log.txt").read_text().strip()
-                    last = tail.splitlines()[-1] if tail else ""
-                    job["error"] = last or f"exit status {process.returncode}"
-                del running[slot]
         time.sleep(0.5)

@@ -3,7 +3,9 @@ grid builds its model and optimizer before any GPU time is spent on it, and the 
 tables are what ``build.py`` makes from the committed results."""
 
 import importlib.util
+import json
 import math
+import shlex
 import shutil
 import sys
 
@@ -78,8 +80,11 @@ def test_grid_names_parse_and_studies_hold_what_the_tables_need():
     for runs in studies.values():
         names = [r.name for r in runs]
         assert len(names) == len(set(names))
-        for name in names:
-            assert build.NAME.match(name), name
+        for run in runs:
+            parsed = build.NAME.match(run.name)
+            assert parsed, run.name
+            assert f"method={parsed['method']}," in run.config, run.name  # bp, not bponeshot
+            assert f"features={parsed['features']}," in run.config, run.name
     # P1's main table at two seeds per row; P3's G values at equal H and equal weights.
     assert {r.overrides["seed"] for r in studies["an4_main"]} == {0, 1}
     p3 = {(r.overrides["structure.num_modules"], int(build.NAME.match(r.name)["features"]))
@@ -107,3 +112,29 @@ def test_committed_tables_are_rebuilt_from_the_committed_results(tmp_path, monke
     monkeypatch.setattr(build, "PLOTS", results / "plots")
     build.build()
     assert (results / "TABLES.md").read_text() == committed
+
+
+def test_collect_files_only_grid_runs_made_with_todays_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grid, "RESULTS", tmp_path / "results")
+    run = grid.studies()["an4_main"][0]
+    workdir = tmp_path / "work"
+
+    def finished(study, name, args):
+        folder = workdir / study / name
+        folder.mkdir(parents=True)
+        q = {"input": 0.1, "recurrent": 0.1, "fc": 0.1}  # read by the gradual studies
+        (folder / "report.json").write_text(json.dumps({"weight_percentile_90": q}))
+        (folder / "command.txt").write_text(
+            shlex.join(["python", "launch.py", *args, f"--workdir={folder}"]) + "\n")
+
+    finished(run.study, run.name, run.args())  # collected
+    finished("an4_main", "rnn999_dense_s0", run.args())  # not a run of the grid
+    other = grid.studies()["an4_main"][1]
+    finished(other.study, other.name, [*other.args(), "--config.batch_size=7"])  # other flags
+    grid.collect(workdir)
+    collected = sorted(p.parent.name for p in (tmp_path / "results").glob("*/*/report.json"))
+    assert collected == [run.name]
+    assert capsys.readouterr().out.count("skipped") == 2
+    # The same stale folder stops `run` before anything starts, naming the folder.
+    with pytest.raises(SystemExit, match=other.name):
+        grid.run("an4_main", workdir, workers=1, deadline=0, match=other.name)

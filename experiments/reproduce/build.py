@@ -50,10 +50,10 @@ P1_MAIN = {
     ("gru", 704, "bp"): "GRU Sparse 3584 BP: 88.4%, CER 16.23 (−5.2%)",
 }
 P1_GL = {  # P1's GL against GLP table is for the RNN only.
-    ("gl", 512): "RNN 1760 GL: 83.3%, −96.0%",
-    ("glp", 512): "RNN 1760 GLP: 90.8%, −25.3%",
-    ("gl", 768): "RNN 2560 GL: 82.8%, −78.4%",
-    ("glp", 768): "RNN 2560 GLP: 90.8%, −3.4%",
+    ("rnn", "gl", 512): "RNN 1760 GL: 83.3%, −96.0%",
+    ("rnn", "glp", 512): "RNN 1760 GLP: 90.8%, −25.3%",
+    ("rnn", "gl", 768): "RNN 2560 GL: 82.8%, −78.4%",
+    ("rnn", "glp", 768): "RNN 2560 GLP: 90.8%, −3.4%",
 }
 P1_BLOCKS = {
     ("rnn", "1x1"): "89.2%, −12.8%", ("rnn", "4x4"): "89.2%, −16.7%",
@@ -63,8 +63,8 @@ P1_BLOCKS = {
     ("gru", "16x16"): "81.9%, −9.2%",
 }
 # Run names of grid.py: <model><features>_<method><variant>_s<seed>.
-NAME = re.compile(
-    r"^(?P<model>[a-z]+)(?P<features>\d+)_(?P<method>[a-z]+)(?P<variant>.*)_s(?P<seed>\d+)$")
+NAME = re.compile(r"^(?P<model>[a-z]+)(?P<features>\d+)_(?P<method>dense|structural|wp|bp|glp|gl)"
+                  r"(?P<variant>.*)_s(?P<seed>\d+)$")
 
 
 def load(study: str) -> list[dict[str, Any]]:
@@ -72,7 +72,11 @@ def load(study: str) -> list[dict[str, Any]]:
     variant, seed) and the folder (``dir``)."""
     runs = []
     for path in sorted((RESULTS / study).glob("*/report.json")):
-        fields = NAME.match(path.parent.name).groupdict()
+        match = NAME.match(path.parent.name)
+        if not match:
+            raise ValueError(f"{path.parent}: not a grid run name (<model><features>_<method>"
+                             "<variant>_s<seed>); move it out of experiments/results.")
+        fields = match.groupdict()
         runs.append({**json.loads(path.read_text()), **fields, "features": int(fields["features"]),
                      "seed": int(fields["seed"]), "dir": path.parent})
     return runs
@@ -162,7 +166,7 @@ def gl_table() -> list[str]:
         rows.append([f"{model.upper()} {features}", method.upper(),
                      f"{100 * group[0]['sparsity']['total']['sparsity']:.1f}%", summary(values),
                      relative(float(np.mean(values)), dense),
-                     P1_GL.get((method, features), "")])
+                     P1_GL.get((model, method, features), "")])
     return table(["model", "algorithm", "sparsity", "test CER %", "relative", "paper (P1, RNN)"],
                  rows)
 
@@ -191,8 +195,10 @@ def p3_table(study: str, dense_study: str) -> list[str]:
         return [f"*{study}: not run yet.*", ""]
     dense_runs = [r for r in load(dense_study) if r["model"] == runs[0]["model"]]
     dense = dense_baseline(dense_runs, runs[0]["model"])
-    rows = [[1, 512, f"{512 ** 2:,} per gate (dense)", summary(
-        [metric(r) for r in dense_runs if r["features"] == 512 and r["method"] == "dense"]), ""]]
+    dense_values = [metric(r) for r in dense_runs
+                    if r["features"] == 512 and r["method"] == "dense"]
+    rows = [[1, 512, f"{512 ** 2:,} per gate (dense)",
+             summary(dense_values) if dense_values else f"not run yet ({dense_study})", ""]]
     for run in sorted(runs, key=lambda r: (int(r["variant"].removeprefix("G")), r["features"])):
         g = int(run["variant"].removeprefix("G"))
         rows.append([g, run["features"], f"{run['features'] ** 2 // g:,} per gate",
@@ -256,7 +262,10 @@ def plot_connections_and_masks(runs: list[dict[str, Any]], layer: str, path: Pat
     fig, axes = plt.subplots(2, len(runs), figsize=(4 * len(runs), 7), squeeze=False)
     for column, run in enumerate(runs):
         masks = report.load_masks(run["dir"] / "masks.npz")
-        gates = sorted(k for k in masks if k.startswith(f"{layer}/recurrent_"))
+        # A bidirectional layer's forward direction is <layer>_fwd.
+        gates = sorted(k for k in masks if re.search(rf"{layer}(_fwd)?/recurrent_", k))
+        if not gates:
+            raise ValueError(f"{run['dir']}/masks.npz has no recurrent kernels of {layer}.")
         connections = sum(masks[k].sum(axis=1) for k in gates)
         axes[0, column].hist(connections, bins=40)
         axes[0, column].set_title(f"{run['dir'].name}: output connections per neuron", fontsize=8)
@@ -268,12 +277,13 @@ def plot_connections_and_masks(runs: list[dict[str, Any]], layer: str, path: Pat
     plt.close(fig)
 
 
-def plot_metric_vs_sparsity(runs: list[dict[str, Any]], dense: float, path: Path) -> None:
+def plot_metric_vs_sparsity(runs: list[dict[str, Any]], dense: float | None, path: Path) -> None:
     """P1: test CER against final sparsity."""
     fig, ax = plt.subplots(figsize=(6, 4))
     points = sorted((100 * r["sparsity"]["total"]["sparsity"], metric(r)) for r in runs)
     ax.plot(*zip(*points, strict=True), "o-", label="BP 4x4, cubic schedule")
-    ax.axhline(dense, ls="--", color="gray", label="dense")
+    if dense is not None:
+        ax.axhline(dense, ls="--", color="gray", label="dense")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("test CER (%)")
     ax.legend()

@@ -19,8 +19,9 @@ Studies (``python experiments/reproduce/grid.py list`` prints every run and its 
   (H = 512·√G, so H²/G stays 512²).
 * ``an4_blocks``: P1's block-size table with one schedule: P2's gradual threshold with
   θ_b = θ·N_b^(1/4), q from the dense 512 run of ``an4_main`` (seed 0), blocks 1x1,
-  4x4, 12x2, 8x8, 16x16 and 32x32, RNN and GRU 512. Its per-layer sparsity also tests
-  claim (f).
+  4x4, 12x2, 8x8, 16x16 and 32x32, RNN and GRU 512 (the 32x32 runs keep 16x16 on the
+  fully connected type, whose output layer is 512 x 28). Its per-layer sparsity also
+  tests claim (f).
 * ``an4_reductions``: the block reductions max, mean, rms, geomean and median at 4x4 and
   16x16 (RNN 512, cubic to 90%; max at 4x4 is ``an4_main``'s BP row).
 * ``an4_sparsity``: BP 4x4 at 70%, 80%, 95% and 97% (90% is ``an4_main``'s), for the
@@ -49,6 +50,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -212,6 +214,11 @@ def run(names: str, workdir: Path, workers: int, deadline: float, match: str = "
     name matches the regular expression ``match``."""
     runs = [r for r in _select(names, match)
             if not (RESULTS / r.study / r.name / "report.json").exists()]
+    stale = [f"{r.study}/{r.name}" for r in runs if _stale(workdir / r.study / r.name, r)]
+    if stale:
+        raise SystemExit(f"grid.py: {stale} in {workdir} were started with other flags "
+                         "(their command.txt differs); delete those folders or use another "
+                         "--workdir, so that no run resumes from another run's checkpoint.")
     # Seed 0 of every run first: the later seeds compile the same programs, which they then
     # find in the shared compilation cache.
     runs.sort(key=lambda r: r.overrides.get("seed", 0))
@@ -227,16 +234,28 @@ def run(names: str, workdir: Path, workers: int, deadline: float, match: str = "
     print(f"grid.py: {time.time() - started:.0f} s", flush=True)
 
 
+def _stale(folder: Path, run_: Run) -> bool:
+    """Whether ``folder`` holds a start of ``run_`` with other flags than today's."""
+    command = folder / "command.txt"
+    if not command.exists():
+        return False
+    return shlex.split(command.read_text())[2:-1] != run_.args()
+
+
 def collect(workdir: Path) -> None:
-    """Copy the finished runs under ``workdir`` into ``experiments/results``."""
-    keep = {(r.study, r.name): r.keep_masks for runs in studies().values() for r in runs}
+    """Copy the finished runs under ``workdir`` that the grid defines, with today's flags,
+    into ``experiments/results``."""
+    grid = {(r.study, r.name): r for runs in studies().values() for r in runs}
     copied = 0
     for report in sorted(workdir.glob("*/*/report.json")):
         study, name = report.parent.parent.name, report.parent.name
+        if (study, name) not in grid or _stale(report.parent, grid[study, name]):
+            print(f"grid.py: skipped {study}/{name}: not in the grid, or run with other flags")
+            continue
         target = RESULTS / study / name
         target.mkdir(parents=True, exist_ok=True)
         files = ["report.json", "metrics.jsonl", "command.txt"]
-        files += ["masks.npz"] if keep.get((study, name)) else []
+        files += ["masks.npz"] if grid[study, name].keep_masks else []
         for file in files:
             if (report.parent / file).exists():
                 shutil.copy(report.parent / file, target / file)
