@@ -30,7 +30,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
+
+from grid import SIDE_MODEL  # noqa: E402
 
 from bsrnn import methods, report  # noqa: E402
 
@@ -188,6 +190,72 @@ def blocks_table() -> list[str]:
     return table(["model", "block", "sparsity", "test CER %", "relative", "paper (P1)"], rows)
 
 
+def _main_rows(model: str, features: int, method: str, seed: int | None = None
+               ) -> list[dict[str, Any]]:
+    """``an4_main``'s runs of one row (one seed, or all when ``seed`` is None)."""
+    return [r for r in load("an4_main")
+            if (r["model"], r["features"], r["method"]) == (model, features, method)
+            and seed in (None, r["seed"])]
+
+
+def reductions_table(model: str) -> list[str]:
+    """Block reductions (P1's future work) from ``an4_reductions``; max at 4x4 is
+    ``an4_main``'s BP row, seed 0 like the others."""
+    runs = load("an4_reductions") + [
+        {**r, "variant": "4x4max"} for r in _main_rows(model, 512, "bp", seed=0)]
+    if len(runs) == 1:
+        return ["*an4_reductions: not run yet.*", ""]
+    dense = dense_baseline(load("an4_main"), model)
+    by_variant = {r["variant"]: r for r in runs}
+    rows = []
+    for block in ("4x4", "16x16"):
+        for reduction in ("max", "mean", "rms", "geomean", "median"):
+            run = by_variant.get(f"{block}{reduction}")
+            rows.append([block, reduction, *(
+                [f"{100 * run['sparsity']['total']['sparsity']:.1f}%", f"{metric(run):.2f}",
+                 relative(metric(run), dense)] if run else ["not run yet", "", ""])])
+    return table(["block", "reduction", "sparsity", "test CER %", "relative"], rows)
+
+
+def sparsity_ladder(model: str) -> list[dict[str, Any]]:
+    """BP 4x4 at every target sparsity, seed 0: ``an4_sparsity`` and ``an4_main``'s 90%."""
+    return sorted(load("an4_sparsity") + _main_rows(model, 512, "bp", seed=0),
+                  key=lambda r: r["sparsity"]["total"]["sparsity"])
+
+
+def sparsity_table(model: str) -> list[str]:
+    """Test CER against the final sparsity of BP 4x4 (the numbers of the plot)."""
+    runs = sparsity_ladder(model)
+    if len(runs) <= 1:
+        return ["*an4_sparsity: not run yet.*", ""]
+    dense = dense_baseline(load("an4_main"), model)
+    return table(["target", "sparsity", "nonzero params (M)", "test CER %", "relative"], [
+        [r["variant"] or "90", f"{100 * r['sparsity']['total']['sparsity']:.1f}%",
+         f"{r['params']['nonzero'] / 1e6:.2f}", f"{metric(r):.2f}", relative(metric(r), dense)]
+        for r in runs])
+
+
+def oneshot_table(model: str) -> list[str]:
+    """P2: gradual pruning (``an4_main``) against one-shot pruning at 40% of training
+    (``an4_oneshot``), both to 90%."""
+    oneshot = grouped(load("an4_oneshot"), "method")
+    if not oneshot:
+        return ["*an4_oneshot: not run yet.*", ""]
+    dense = dense_baseline(load("an4_main"), model)
+    rows = []
+    for method in ("wp", "bp"):
+        for schedule, group in (("gradual (cubic, 10%–40%)", _main_rows(model, 512, method)),
+                                ("one-shot at 40%", oneshot.get((method,), []))):
+            if not group:
+                rows.append([method.upper(), schedule, "not run yet", "", ""])
+                continue
+            values = [metric(r) for r in group]
+            rows.append([method.upper(), schedule,
+                         f"{100 * group[0]['sparsity']['total']['sparsity']:.1f}%",
+                         summary(values), relative(float(np.mean(values)), dense)])
+    return table(["algorithm", "schedule", "sparsity", "test CER %", "relative"], rows)
+
+
 def p3_table(study: str, dense_study: str) -> list[str]:
     """P3: block-diagonal recurrent matrices, G modules, at equal H and equal weights."""
     runs = load(study)
@@ -303,7 +371,13 @@ def build() -> list[str]:
              *main_table("an4_main", "test CER %", P1_MAIN),
              "## AN4, GL against GLP", "", *gl_table(),
              "## AN4, block sizes (gradual threshold, θ_b = θ·N_b^(1/4), q of the dense 512)", "",
-             *blocks_table()]
+             *blocks_table(),
+             f"## AN4, block reductions ({SIDE_MODEL.upper()} 512, cubic to 90%, seed 0)", "",
+             *reductions_table(SIDE_MODEL),
+             f"## AN4, CER against sparsity ({SIDE_MODEL.upper()} 512, BP 4×4, seed 0)", "",
+             *sparsity_table(SIDE_MODEL),
+             f"## AN4, gradual against one-shot pruning ({SIDE_MODEL.upper()} 512, to 90%)", "",
+             *oneshot_table(SIDE_MODEL)]
     for study, title in (("ptb_main", "PTB words (test perplexity)"),
                          ("ptb_main_lr1", "PTB words, first pass at lr 1 (undertrained; "
                           "test perplexity)")):
@@ -322,16 +396,15 @@ def build() -> list[str]:
     else:
         missing += ["sparsity_vs_step.png", "sparsity_by_layer.png"]
     candidates = [main.get(("gru", 512, "wp", 0)), main.get(("gru", 512, "bp", 0)),
-                  blocks.get(("rnn", "32x32"))]
+                  blocks.get(("gru", "32x32"))]
     mask_runs = [r for r in candidates if r and (r["dir"] / "masks.npz").exists()]
     if mask_runs:
         plot_connections_and_masks(mask_runs, "rnn/layer_0", PLOTS / "connections_and_masks.png")
     else:
         missing.append("connections_and_masks.png")
-    ladder = [r for r in load("an4_sparsity")] + [
-        r for r in main.values() if (r["model"], r["features"], r["method"]) == ("rnn", 512, "bp")]
+    ladder = sparsity_ladder(SIDE_MODEL)
     if len(ladder) >= 3:
-        plot_metric_vs_sparsity(ladder, dense_baseline(list(main.values()), "rnn"),
+        plot_metric_vs_sparsity(ladder, dense_baseline(list(main.values()), SIDE_MODEL),
                                 PLOTS / "cer_vs_sparsity.png")
     else:
         missing.append("cer_vs_sparsity.png")
