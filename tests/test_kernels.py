@@ -39,14 +39,31 @@ CASES = [  # (in, out), block shape, N
 ]
 
 
+@pytest.mark.parametrize("product", ["dot", "fma", "auto"])
 @pytest.mark.parametrize("shape, block_shape, n", CASES)
-def test_xla_matches_dense_float32(shape, block_shape, n):
+def test_xla_matches_dense_float32(shape, block_shape, n, product):
     rng, k, mask = _case(0, shape, block_shape)
     w = from_dense(k, mask, block_shape)
     x = rng.standard_normal((n, shape[0])).astype(np.float32)
-    y = jax.jit(kernels.bsc_matmul_xla)(jnp.asarray(x), w)
+    y = jax.jit(lambda x, w: kernels.bsc_matmul_xla(x, w, product=product))(jnp.asarray(x), w)
     assert y.shape == (n, shape[1]) and y.dtype == jnp.float32
     assert _rel_err(y, _ref(x, k, mask)) < 1e-6
+
+
+def test_xla_product_choice():
+    # "fma" on the CPU for blocks of at most 256 entries, unless one row meets a block 8 or
+    # more wide; "dot" for larger blocks and on every other backend.
+    on_cpu = jax.default_backend() == "cpu"
+    fma = "fma" if on_cpu else "dot"
+    assert kernels.xla.auto_product((4, 4), 1) == fma
+    assert kernels.xla.auto_product((12, 2), 8) == fma
+    assert kernels.xla.auto_product((16, 16), 8) == fma
+    assert kernels.xla.auto_product((16, 16), 1) == "dot"
+    assert kernels.xla.auto_product((8, 8), 1) == "dot"
+    assert kernels.xla.auto_product((32, 32), 8) == "dot"
+    with pytest.raises(ValueError, match="product must be"):
+        kernels.bsc_matmul_xla(jnp.ones((2, 37)), from_dense(*_case(0, (37, 45), (4, 4))[1:],
+                                                             (4, 4)), product="gemm")
 
 
 @pytest.mark.parametrize("shape, block_shape, n", CASES[:3] + CASES[5:])
@@ -81,13 +98,16 @@ def test_pallas_paths_row_tiles_and_short_steps(compute, transpose_x, n, rows_pe
     assert _rel_err(y, _ref(x, k, mask)) < 1e-6
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+@pytest.mark.parametrize("impl", ["xla_dot", "xla_fma", "pallas_interpret"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision(impl, dtype):
     rng, k, mask = _case(3, (45, 38), (8, 4))
     w = from_dense(k, mask, (8, 4), dtype=dtype)
     x = rng.standard_normal((6, 45)).astype(np.float32)
-    y = kernels.bsc_matmul(jnp.asarray(x, dtype), w, impl=impl)
+    if impl.startswith("xla_"):
+        y = kernels.bsc_matmul_xla(jnp.asarray(x, dtype), w, product=impl.removeprefix("xla_"))
+    else:
+        y = kernels.bsc_matmul(jnp.asarray(x, dtype), w, impl=impl)
     assert y.dtype == dtype
     # Reference on the rounded operands: the error left is the output rounding.
     xr = np.asarray(jnp.asarray(x, dtype), np.float32)

@@ -4,7 +4,8 @@ Paper sizes: RNN 1760 (K 1760x1760, 90% block sparsity) and GRU 2560 (K 2560x768
 the three gates' W of 7680x2560, 95% block sparsity); x of N rows, N in {1, 8, 32, 128}.
 Methods, each on the same masked weights and fresh random inputs, in one process:
 
-- jax: `dense` (jnp.dot on K * mask: cuBLAS), `xla` (bsrnn.kernels.bsc_matmul_xla),
+- jax: `dense` (jnp.dot on K * mask: cuBLAS), `xla` (bsrnn.kernels.bsc_matmul_xla; in
+  CPU mode also `xla_dot` and `xla_fma`, its two product forms, beside its own choice),
   `pallas` (bsrnn.kernels.bsc_matmul_pallas), `bcsr` (jax.experimental.sparse.BCSR,
   element-sparse, timed for 4x4 masks only: its cost does not depend on the block shape).
 - torch (GPU mode): `t_dense` (torch.mm, cuBLAS), `t_csr` (cuSPARSE CSR SpMM), `t_bsr`
@@ -217,6 +218,10 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
         "dense": (lambda x, k: jnp.dot(x, k), (kd,), a.reps),
         "xla": (bsc_matmul_xla, (wd,), a.reps_xla),
     }
+    if a.mode == "cpu":  # both product forms of the XLA path, beside its automatic choice
+        for product in ("dot", "fma"):
+            op = functools.partial(bsc_matmul_xla, product=product)
+            methods[f"xla_{product}"] = (op, (wd,), a.reps_xla)
     for label, cfg in pallas_cfgs.items():
         methods[label] = (
             lambda x, w, cfg=cfg: bsc_matmul_pallas(x, w, **cfg),
@@ -445,10 +450,10 @@ def main(argv=None):
     a.reps = a.reps or (16 if gpu else 8)
     a.reps_xla = min(a.reps_xla or (16 if gpu else 8), a.reps)
     a.calls = a.calls or (10 if gpu else 40)
-    blocks = a.blocks or ("1x1,4x4,8x8,16x16,32x32,12x2" if gpu else "4x4,8x8,16x16,32x32")
+    blocks = a.blocks or ("1x1,4x4,8x8,16x16,32x32,12x2" if gpu else "4x4,12x2,8x8,16x16,32x32")
     blocks = [tuple(int(s) for s in b.split("x")) for b in blocks.split(",")]
     dtypes = (a.dtypes or ("float16,float32" if gpu else "float32")).split(",")
-    ns = [int(s) for s in (a.ns or ("1,8,32,128" if gpu else "1,8")).split(",")]
+    ns = [int(s) for s in (a.ns or ("1,8,32,128" if gpu else "1,2,8")).split(",")]
     matrices = (a.matrices or ("rnn1760,gru2560" if gpu else "rnn1760")).split(",")
 
     bench = Bench(a)
@@ -541,7 +546,8 @@ def main(argv=None):
                                 error=f"{type(e).__name__}: {str(e)[:300]}",
                             )
                     bench.save()
-    methods = ["dense", "xla", *pallas_cfgs, "bcsr", "t_dense", "t_csr", "t_bsr"]
+    methods = ["dense", "xla", "xla_dot", "xla_fma", *pallas_cfgs, "bcsr", "t_dense", "t_csr",
+               "t_bsr"]
     tables = markdown_tables(bench.records, methods, dtypes)
     print(tables)
     if a.markdown:
