@@ -190,6 +190,27 @@ def blocks_table() -> list[str]:
     return table(["model", "block", "sparsity", "test CER %", "relative", "paper (P1)"], rows)
 
 
+def blocks_cubic_table(model: str) -> list[str]:
+    """Block sizes at one sparsity (cubic schedule to 90%, seed 0): 1x1 and 4x4 from
+    ``an4_main``'s WP and BP rows, 16x16 from ``an4_reductions``' max, the rest from
+    ``an4_blocks_cubic``."""
+    runs = {r["variant"]: r for r in load("an4_blocks_cubic")}
+    if not runs:
+        return ["*an4_blocks_cubic: not run yet.*", ""]
+    borrowed = {"16x16": [r for r in load("an4_reductions") if r["variant"] == "16x16max"],
+                "1x1": _main_rows(model, 512, "wp", seed=0),
+                "4x4": _main_rows(model, 512, "bp", seed=0)}
+    runs.update({block: found[0] for block, found in borrowed.items() if found})
+    dense = dense_baseline(load("an4_main"), model)
+    rows = []
+    for block in ("1x1", "4x4", "12x2", "8x8", "16x16", "32x32"):
+        run = runs.get(block)
+        rows.append([block, *(
+            [f"{100 * run['sparsity']['total']['sparsity']:.1f}%", f"{metric(run):.2f}",
+             relative(metric(run), dense)] if run else ["not run yet", "", ""])])
+    return table(["block", "sparsity", "test CER %", "relative"], rows)
+
+
 def _main_rows(model: str, features: int, method: str, seed: int | None = None
                ) -> list[dict[str, Any]]:
     """``an4_main``'s runs of one row (one seed, or all when ``seed`` is None)."""
@@ -372,6 +393,8 @@ def build() -> list[str]:
              "## AN4, GL against GLP", "", *gl_table(),
              "## AN4, block sizes (gradual threshold, θ_b = θ·N_b^(1/4), q of the dense 512)", "",
              *blocks_table(),
+             f"## AN4, block sizes at one sparsity ({SIDE_MODEL.upper()} 512, cubic to 90%, "
+             "seed 0)", "", *blocks_cubic_table(SIDE_MODEL),
              f"## AN4, block reductions ({SIDE_MODEL.upper()} 512, cubic to 90%, seed 0)", "",
              *reductions_table(SIDE_MODEL),
              f"## AN4, CER against sparsity ({SIDE_MODEL.upper()} 512, BP 4×4, seed 0)", "",
@@ -395,8 +418,9 @@ def build() -> list[str]:
                                       if ("gru", v) in blocks], PLOTS / "sparsity_by_layer.png")
     else:
         missing += ["sparsity_vs_step.png", "sparsity_by_layer.png"]
+    cubic_32 = [r for r in load("an4_blocks_cubic") if r["variant"] == "32x32"]
     candidates = [main.get(("gru", 512, "wp", 0)), main.get(("gru", 512, "bp", 0)),
-                  blocks.get(("gru", "32x32"))]
+                  *cubic_32]
     mask_runs = [r for r in candidates if r and (r["dir"] / "masks.npz").exists()]
     if mask_runs:
         plot_connections_and_masks(mask_runs, "rnn/layer_0", PLOTS / "connections_and_masks.png")
