@@ -38,6 +38,7 @@ from bsrnn import methods, report  # noqa: E402
 
 RESULTS = REPO / "experiments" / "results"
 PLOTS = RESULTS / "plots"
+MODEL_ORDER = ["rnn", "gru", "lstm"]  # P1's order of the tables' blocks of rows
 
 # P1's rows (SPEC §2.5), beside the rows of ours that play the same part in the ladder.
 P1_MAIN = {
@@ -131,7 +132,7 @@ def main_table(study: str, metric_name: str, paper: dict | None) -> list[str]:
     if not runs:
         return [f"*{study}: not run yet.*", ""]
     rows = []
-    for model in sorted({r["model"] for r in runs}, key=["rnn", "gru", "lstm"].index):
+    for model in sorted({r["model"] for r in runs}, key=MODEL_ORDER.index):
         dense = dense_baseline(runs, model)
         groups = grouped([r for r in runs if r["model"] == model], "features", "method")
         for (features, method), group in sorted(groups.items(), key=lambda item: _row_order(
@@ -162,7 +163,9 @@ def gl_table() -> list[str]:
     if not runs:
         return ["*GL and GLP runs: not run yet.*", ""]
     rows = []
-    for (model, features, method), group in grouped(runs, "model", "features", "method").items():
+    groups = grouped(runs, "model", "features", "method")
+    for (model, features, method), group in sorted(
+            groups.items(), key=lambda item: (MODEL_ORDER.index(item[0][0]), *item[0][1:])):
         dense = dense_baseline(load("an4_main"), model)
         values = [metric(r) for r in group]
         rows.append([f"{model.upper()} {features}", method.upper(),
