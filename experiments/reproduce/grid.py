@@ -244,8 +244,8 @@ def run(names: str, workdir: Path, workers: int, deadline: float, match: str = "
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     # cuBLAS for every GEMM: XLA's Triton GEMM autotuner compiles hundreds of kernel
-    # configurations per program on the CPU, and with 12 runs starting at once on 16 cores
-    # none got past compiling in 9 minutes; with this flag 12 runs start in about a minute.
+    # configurations per program on the CPU: 12 AN4 runs starting at once on 16 cores took
+    # 7 minutes to reach step 50; with this flag, 12 runs start in about a minute.
     if "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_gpu_enable_triton_gemm=false").strip()
