@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
-from grid import SIDE_MODEL  # noqa: E402
+from grid import REDUCTIONS, SIDE_MODEL  # noqa: E402
 
 from bsrnn import methods, report  # noqa: E402
 
@@ -120,6 +120,14 @@ def dense_baseline(runs: list[dict[str, Any]], model: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def result_cells(run: dict[str, Any] | None, dense: float | None) -> list[str]:
+    """A one-seed run's sparsity, metric and relative cells ("not run yet" without it)."""
+    if run is None:
+        return ["not run yet", "", ""]
+    return [f"{100 * run['sparsity']['total']['sparsity']:.1f}%", f"{metric(run):.2f}",
+            relative(metric(run), dense)]
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     """A Markdown table."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
@@ -186,9 +194,7 @@ def blocks_table() -> list[str]:
     rows = []
     for run in sorted(runs, key=lambda r: (r["model"], order.index(r["variant"]))):
         dense = dense_baseline(main, run["model"])
-        rows.append([run["model"].upper(), run["variant"],
-                     f"{100 * run['sparsity']['total']['sparsity']:.1f}%",
-                     f"{metric(run):.2f}", relative(metric(run), dense),
+        rows.append([run["model"].upper(), run["variant"], *result_cells(run, dense),
                      P1_BLOCKS.get((run["model"], run["variant"]), "")])
     return table(["model", "block", "sparsity", "test CER %", "relative", "paper (P1)"], rows)
 
@@ -208,9 +214,7 @@ def blocks_cubic_table(model: str) -> list[str]:
     rows = []
     for block in ("1x1", "4x4", "12x2", "8x8", "16x16", "32x32"):
         run = runs.get(block)
-        rows.append([block, *(
-            [f"{100 * run['sparsity']['total']['sparsity']:.1f}%", f"{metric(run):.2f}",
-             relative(metric(run), dense)] if run else ["not run yet", "", ""])])
+        rows.append([block, *result_cells(run, dense)])
     return table(["block", "sparsity", "test CER %", "relative"], rows)
 
 
@@ -233,11 +237,9 @@ def reductions_table(model: str) -> list[str]:
     by_variant = {r["variant"]: r for r in runs}
     rows = []
     for block in ("4x4", "16x16"):
-        for reduction in ("max", "mean", "rms", "geomean", "median"):
-            run = by_variant.get(f"{block}{reduction}")
-            rows.append([block, reduction, *(
-                [f"{100 * run['sparsity']['total']['sparsity']:.1f}%", f"{metric(run):.2f}",
-                 relative(metric(run), dense)] if run else ["not run yet", "", ""])])
+        for reduction in REDUCTIONS:
+            rows.append([block, reduction,
+                         *result_cells(by_variant.get(f"{block}{reduction}"), dense)])
     return table(["block", "reduction", "sparsity", "test CER %", "relative"], rows)
 
 
