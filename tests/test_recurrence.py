@@ -254,3 +254,37 @@ def test_gpu_kernels(impl, options, batch, dtype_tol):
     ref, ref_last = _reference(params, masks, x, h0)
     assert out.dtype == dtype
     assert _rel_err(out, ref) < tol and _rel_err(last, ref_last) < tol
+
+
+@pytest.mark.parametrize("cell", ["rnn", "rnn_clipped_relu"])
+@pytest.mark.parametrize("hidden, block_shape", [(24, (4, 4)), (26, (12, 2)), (20, (8, 8))])
+def test_sparse_rnn_matches_recurrent_layer(cell, hidden, block_shape):
+    # A vanilla RecurrentLayer with random params and biases, a block-structured recurrent
+    # mask (partial edge blocks for 26 / 12x2 and 20 / 8x8), a random input mask, random
+    # inputs and h0: the sparse sequence equals the masked dense layer.
+    rng = np.random.default_rng(7)
+    batch, steps, in_features = 3, 6, 5
+    x = rng.standard_normal((batch, steps, in_features)).astype(np.float32)
+    h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(np.float32)
+    layer = RecurrentLayer(cell, hidden)
+    variables = layer.init(jax.random.key(0), jnp.asarray(x))
+    params = jax.tree_util.tree_map(
+        lambda a: (rng.standard_normal(a.shape) * (0.5 if a.ndim == 1 else a.shape[0] ** -0.5))
+        .astype(np.float32), variables["params"])
+    bh, bw = block_shape
+    keep = rng.random((-(-hidden // bh), -(-hidden // bw))) < 0.4
+    keep[0, -1] = keep[-1, 0] = True
+    masks = {"recurrent_h": {"kernel": np.kron(keep, np.ones(block_shape, bool))[:hidden, :hidden]},
+             "input_h": {"kernel": rng.random((in_features, hidden)) < 0.7}}
+    with jax.default_matmul_precision("highest"):
+        ref, ref_last = layer.apply({"params": params, "masks": masks}, jnp.asarray(x),
+                                    initial_carry=jnp.asarray(h0))
+        weights = kernels.sparse_rnn_weights(params, masks, block_shape, cell=cell)
+        out, last = jax.jit(lambda x, h0: kernels.sparse_rnn(x, weights, h0, unroll=2))(
+            jnp.asarray(x), jnp.asarray(h0))
+    assert out.shape == (batch, steps, hidden) and out.dtype == jnp.float32
+    assert _rel_err(out, ref) < 1e-5 and _rel_err(last, ref_last) < 1e-5
+    # A mask that is not block-structured is refused at construction, naming the kernel.
+    masks["recurrent_h"]["kernel"] = rng.random((hidden, hidden)) < 0.5
+    with pytest.raises(ValueError, match="recurrent_h"):
+        kernels.sparse_rnn_weights(params, masks, block_shape, cell=cell)

@@ -5,7 +5,8 @@ the implementation from `jax.default_backend()`: the Pallas/Triton kernel on GPU
 portable XLA path elsewhere. `impl=` overrides the choice.
 
 `sparse_gru(x, weights)` runs a whole GRU sequence with block-sparse recurrent weights
-(`bsrnn.kernels.recurrence`), dispatched the same way.
+(`bsrnn.kernels.recurrence`), dispatched the same way; `sparse_rnn` runs a vanilla RNN
+(tanh or clipped ReLU) sequence on the portable XLA path.
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ from bsrnn.export import BlockSparseMatrix
 from bsrnn.kernels.pallas_gpu import bsc_matmul_pallas
 from bsrnn.kernels.recurrence import (
     SparseGRUWeights,
+    SparseRNNWeights,
     default_recurrence_impl,
     gru_input_projection,
     gru_recurrence,
     sparse_gru,
     sparse_gru_weights,
+    sparse_rnn,
+    sparse_rnn_weights,
 )
 from bsrnn.kernels.xla import bsc_matmul_xla
 
 __all__ = [
     "SparseGRUWeights",
+    "SparseRNNWeights",
     "bsc_matmul",
     "bsc_matmul_pallas",
     "bsc_matmul_xla",
@@ -37,6 +42,8 @@ __all__ = [
     "gru_recurrence",
     "sparse_gru",
     "sparse_gru_weights",
+    "sparse_rnn",
+    "sparse_rnn_weights",
 ]
 
 Impl = Literal["xla", "pallas", "pallas_interpret"]

@@ -1,4 +1,4 @@
-"""A whole GRU sequence forward (inference) with block-sparse recurrent weights.
+"""Whole GRU and vanilla-RNN sequences forward (inference) with block-sparse recurrent weights.
 
 The input projection of all steps is one dense product, hoisted out of the loop; the loop
 only does what must be sequential: h_t @ W_h with W_h block-sparse, and the gate math.
@@ -24,6 +24,9 @@ fp16, T = 256, input projection included): "pallas" 6.4 / 12.0 / 16.2 µs per st
 batch 1 / 8 / 32, "persistent" 5.4 µs at batch 1 (3.7 µs with 32x32 blocks, and for GRU
 1760) but slower than "pallas" at batch >= 8; cuDNN 16–20 µs. Hence "pallas" stays the GPU
 default and "persistent" is opt-in (it also needs all its programs resident at once).
+
+The vanilla RNN (`sparse_rnn`: tanh, or DS2's clipped ReLU as in P1's speech model) has
+only the portable "xla" path: its step is one block-sparse product and an add.
 
 Each gate's kernel is tiled on its own: gate g occupies block columns g·ceil(H/bw) ..
 of W_h (padded with empty columns when bw does not divide H), so a block never straddles two
@@ -315,4 +318,111 @@ def sparse_gru(
     out = gru_recurrence(xp, weights, h0, impl=impl, unroll=unroll, **kernel_options)
     last = out[-1] if out.shape[0] else (
         jnp.zeros((batch, weights.hidden), out.dtype) if h0 is None else h0.astype(out.dtype))
+    return jnp.swapaxes(out, 0, 1), last
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SparseRNNWeights:
+    """A vanilla RNN layer's weights prepared for `sparse_rnn`.
+
+    Attributes:
+      w_i: (D, H) masked input kernel (dense: used once for all steps).
+      b: (H,) input and recurrent biases summed.
+      w_h: block-sparse recurrent kernel (H, H).
+      cell: "rnn" (tanh) or "rnn_clipped_relu" (min(max(·, 0), 20)) (static).
+    """
+
+    w_i: jax.Array
+    b: jax.Array
+    w_h: BlockSparseMatrix
+    cell: str = dataclasses.field(metadata={"static": True})
+
+
+RNN_CELLS = ("rnn", "rnn_clipped_relu")
+
+
+def sparse_rnn_weights(
+    params: Mapping[str, Any],
+    masks: Mapping[str, Any],
+    block_shape: tuple[int, int],
+    *,
+    cell: str = "rnn",
+    dtype: Any = None,
+) -> SparseRNNWeights:
+    """Builds `sparse_rnn`'s weights from a trained `bsrnn.cells.RecurrentLayer` (cell "rnn"
+    or "rnn_clipped_relu").
+
+    Args:
+      params: the layer's params, {"input_h": {"kernel": (D, H), "bias": (H,)},
+        "recurrent_h": {"kernel": (H, H), "bias": (H,)}}.
+      masks: the layer's masks at the same paths; the recurrent mask must be
+        block-structured for `block_shape` (partial edge blocks allowed).
+      block_shape: (bh, bw) the recurrent kernel was pruned with.
+      cell: "rnn" or "rnn_clipped_relu", the layer's cell.
+      dtype: dtype of weights and computation; default the params'.
+
+    Returns:
+      `SparseRNNWeights` (numpy arrays inside; host-side, not jittable).
+
+    Raises:
+      ValueError: on an unknown cell, missing keys, mismatched shapes, or a recurrent mask
+        that is not block-structured for `block_shape`.
+    """
+    if cell not in RNN_CELLS:
+        raise ValueError(f"cell must be one of {RNN_CELLS}, got {cell!r}")
+    try:
+        k_i, b_i = (np.asarray(params["input_h"][k]) for k in ("kernel", "bias"))
+        k_h, b_h = (np.asarray(params["recurrent_h"][k]) for k in ("kernel", "bias"))
+        m_i = np.asarray(masks["input_h"]["kernel"], bool)
+        m_h = np.asarray(masks["recurrent_h"]["kernel"], bool)
+    except KeyError as e:
+        raise ValueError(
+            f"params/masks lack {e}: pass a vanilla RecurrentLayer's params and masks (keys "
+            "input_h and recurrent_h, each with 'kernel' and 'bias')"
+        ) from None
+    hidden = k_h.shape[1]
+    if k_h.shape != (hidden, hidden) or m_h.shape != k_h.shape or m_i.shape != k_i.shape:
+        raise ValueError(
+            f"recurrent_h: kernel {k_h.shape} and mask {m_h.shape} must both be ({hidden}, "
+            f"{hidden}); input_h: kernel {k_i.shape} and mask {m_i.shape} must match")
+    dtype = np.dtype(dtype) if dtype is not None else k_h.dtype
+    try:
+        w_h = from_dense(k_h, m_h, block_shape, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"recurrent_h: {e}") from None
+    return SparseRNNWeights(w_i=np.where(m_i, k_i, 0).astype(dtype),
+                            b=(b_i + b_h).astype(dtype), w_h=w_h, cell=cell)
+
+
+def sparse_rnn(
+    x: jax.Array, weights: SparseRNNWeights, h0: jax.Array | None = None, *, unroll: int = 16
+) -> tuple[jax.Array, jax.Array]:
+    """A whole vanilla-RNN sequence forward, like `RecurrentLayer(cell, H)` without
+    `lengths`: h_t = act(x_t W_i + h_{t-1} W_h + b), W_h block-sparse (portable XLA path).
+
+    Args:
+      x: (B, T, D) inputs.
+      weights: from `sparse_rnn_weights`.
+      h0: (B, H) initial state; zeros if None.
+      unroll: `lax.scan` unroll factor.
+
+    Returns:
+      (outputs (B, T, H), final state h_T (B, H)), in the promoted dtype of x and the
+      weights; the activation is computed in float32.
+    """
+    w_i = jnp.asarray(weights.w_i)
+    dtype = jnp.result_type(x.dtype, w_i.dtype)
+    batch, hidden = x.shape[0], weights.w_h.shape[1]
+    h0 = jnp.zeros((batch, hidden), dtype) if h0 is None else h0.astype(dtype)
+    if h0.shape != (batch, hidden):
+        raise ValueError(f"h0 has shape {h0.shape}, expected {(batch, hidden)}")
+    xp = jnp.einsum("btd,dh->tbh", x.astype(dtype), w_i.astype(dtype)) + jnp.asarray(weights.b)
+
+    def step(h, xp_t):
+        pre = (xp_t + bsc_matmul_xla(h, weights.w_h)).astype(jnp.float32)
+        h = (jnp.tanh(pre) if weights.cell == "rnn" else jnp.clip(pre, 0.0, 20.0)).astype(dtype)
+        return h, h
+
+    last, out = jax.lax.scan(step, h0, xp, unroll=unroll)
     return jnp.swapaxes(out, 0, 1), last
