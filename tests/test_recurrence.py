@@ -284,6 +284,11 @@ def test_sparse_rnn_matches_recurrent_layer(cell, hidden, block_shape):
             jnp.asarray(x), jnp.asarray(h0))
     assert out.shape == (batch, steps, hidden) and out.dtype == jnp.float32
     assert _rel_err(out, ref) < 1e-5 and _rel_err(last, ref_last) < 1e-5
+    # Without h0 both start from zeros.
+    with jax.default_matmul_precision("highest"):
+        ref0, _ = layer.apply({"params": params, "masks": masks}, jnp.asarray(x))
+        out0, _ = kernels.sparse_rnn(jnp.asarray(x), weights)
+    assert _rel_err(out0, ref0) < 1e-5
     # A mask that is not block-structured is refused at construction, naming the kernel.
     masks["recurrent_h"]["kernel"] = rng.random((hidden, hidden)) < 0.5
     with pytest.raises(ValueError, match="recurrent_h"):

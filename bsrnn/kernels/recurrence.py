@@ -111,6 +111,49 @@ def _ell_arrays(w_h: BlockSparseMatrix, hidden: int) -> tuple[np.ndarray, np.nda
     return feat, panel
 
 
+def _layer_arrays(
+    params: Mapping[str, Any], masks: Mapping[str, Any], gates: tuple[str, ...]
+) -> tuple[list[np.ndarray], ...]:
+    """A RecurrentLayer's (input kernels, input biases, recurrent kernels, recurrent biases,
+    input masks, recurrent masks), one list entry per gate, as numpy arrays."""
+    try:
+        return (
+            [np.asarray(params[f"input_{g}"]["kernel"]) for g in gates],
+            [np.asarray(params[f"input_{g}"]["bias"]) for g in gates],
+            [np.asarray(params[f"recurrent_{g}"]["kernel"]) for g in gates],
+            [np.asarray(params[f"recurrent_{g}"]["bias"]) for g in gates],
+            [np.asarray(masks[f"input_{g}"]["kernel"], bool) for g in gates],
+            [np.asarray(masks[f"recurrent_{g}"]["kernel"], bool) for g in gates],
+        )
+    except KeyError as e:
+        names = "/".join(gates)
+        raise ValueError(
+            f"params/masks lack {e}: pass the RecurrentLayer's params and masks (keys "
+            f"input_{names} and recurrent_{names}, each with 'kernel' and 'bias')"
+        ) from None
+
+
+def _compress_recurrent(gate: str, kernel: np.ndarray, mask: np.ndarray,
+                        block_shape: tuple[int, int], dtype: Any) -> BlockSparseMatrix:
+    """One gate's (H, H) recurrent kernel as BSC; errors name the gate."""
+    hidden = kernel.shape[1]
+    if kernel.shape != (hidden, hidden) or mask.shape != kernel.shape:
+        raise ValueError(f"recurrent_{gate}: kernel {kernel.shape} and mask {mask.shape} must "
+                         f"both be ({hidden}, {hidden})")
+    try:
+        return from_dense(kernel, mask, block_shape, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"recurrent_{gate}: {e}") from None
+
+
+def _initial_state(h0: jax.Array | None, batch: int, hidden: int, dtype: Any) -> jax.Array:
+    """h0 in ``dtype``, zeros (B, H) if None; checks its shape."""
+    h0 = jnp.zeros((batch, hidden), dtype) if h0 is None else h0.astype(dtype)
+    if h0.shape != (batch, hidden):
+        raise ValueError(f"h0 has shape {h0.shape}, expected {(batch, hidden)}")
+    return h0
+
+
 def sparse_gru_weights(
     params: Mapping[str, Any],
     masks: Mapping[str, Any],
@@ -139,32 +182,12 @@ def sparse_gru_weights(
       ValueError: on missing gates, mismatched shapes, or a recurrent mask that is not
         block-structured for `block_shape`.
     """
-    try:
-        kin = [np.asarray(params[f"input_{g}"]["kernel"]) for g in GATES]
-        bin_ = [np.asarray(params[f"input_{g}"]["bias"]) for g in GATES]
-        kh = [np.asarray(params[f"recurrent_{g}"]["kernel"]) for g in GATES]
-        bh_ = [np.asarray(params[f"recurrent_{g}"]["bias"]) for g in GATES]
-        min_ = [np.asarray(masks[f"input_{g}"]["kernel"], bool) for g in GATES]
-        mh = [np.asarray(masks[f"recurrent_{g}"]["kernel"], bool) for g in GATES]
-    except KeyError as e:
-        raise ValueError(
-            f"params/masks lack {e}: pass a GRU RecurrentLayer's params and masks (keys "
-            "input_r/z/n and recurrent_r/z/n, each with 'kernel' and 'bias')"
-        ) from None
+    kin, bin_, kh, bh_, min_, mh = _layer_arrays(params, masks, GATES)
     hidden = kh[0].shape[1]
-    for g, k, m in zip(GATES, kh, mh, strict=True):
-        if k.shape != (hidden, hidden) or m.shape != k.shape:
-            raise ValueError(
-                f"recurrent_{g}: kernel {k.shape} and mask {m.shape} must both be "
-                f"({hidden}, {hidden})")
     dtype = np.dtype(dtype) if dtype is not None else kh[0].dtype
     # Each gate compressed on its own, then the three BSC matrices put side by side.
-    gates = []
-    for g, k, m in zip(GATES, kh, mh, strict=True):
-        try:
-            gates.append(from_dense(k, m, block_shape, dtype=dtype))
-        except ValueError as e:
-            raise ValueError(f"recurrent_{g}: {e}") from None
+    gates = [_compress_recurrent(g, k, m, block_shape, dtype)
+             for g, k, m in zip(GATES, kh, mh, strict=True)]
     (bh, bw), (_, nbc_g) = gates[0].block_shape, gates[0].grid_shape
     offsets = np.cumsum([0] + [w.nnzb for w in gates])
     w_h = BlockSparseMatrix(
@@ -259,9 +282,7 @@ def gru_recurrence(
         raise ValueError(f"xp has {three_h} features, expected 3·H = {3 * hidden}")
     dtype = jnp.result_type(xp.dtype, weights.dtype)
     xp = xp.astype(dtype)
-    h0 = jnp.zeros((batch, hidden), dtype) if h0 is None else h0.astype(dtype)
-    if h0.shape != (batch, hidden):
-        raise ValueError(f"h0 has shape {h0.shape}, expected {(batch, hidden)}")
+    h0 = _initial_state(h0, batch, hidden, dtype)
     if steps == 0:
         return jnp.zeros((0, batch, hidden), dtype)
     if impl == "xla":
@@ -338,6 +359,10 @@ class SparseRNNWeights:
     w_h: BlockSparseMatrix
     cell: str = dataclasses.field(metadata={"static": True})
 
+    def __post_init__(self) -> None:
+        if self.cell not in RNN_CELLS:
+            raise ValueError(f"cell must be one of {RNN_CELLS}, got {self.cell!r}")
+
 
 RNN_CELLS = ("rnn", "rnn_clipped_relu")
 
@@ -371,26 +396,11 @@ def sparse_rnn_weights(
     """
     if cell not in RNN_CELLS:
         raise ValueError(f"cell must be one of {RNN_CELLS}, got {cell!r}")
-    try:
-        k_i, b_i = (np.asarray(params["input_h"][k]) for k in ("kernel", "bias"))
-        k_h, b_h = (np.asarray(params["recurrent_h"][k]) for k in ("kernel", "bias"))
-        m_i = np.asarray(masks["input_h"]["kernel"], bool)
-        m_h = np.asarray(masks["recurrent_h"]["kernel"], bool)
-    except KeyError as e:
-        raise ValueError(
-            f"params/masks lack {e}: pass a vanilla RecurrentLayer's params and masks (keys "
-            "input_h and recurrent_h, each with 'kernel' and 'bias')"
-        ) from None
-    hidden = k_h.shape[1]
-    if k_h.shape != (hidden, hidden) or m_h.shape != k_h.shape or m_i.shape != k_i.shape:
-        raise ValueError(
-            f"recurrent_h: kernel {k_h.shape} and mask {m_h.shape} must both be ({hidden}, "
-            f"{hidden}); input_h: kernel {k_i.shape} and mask {m_i.shape} must match")
+    (k_i,), (b_i,), (k_h,), (b_h,), (m_i,), (m_h,) = _layer_arrays(params, masks, ("h",))
+    if m_i.shape != k_i.shape:
+        raise ValueError(f"input_h: kernel {k_i.shape} and mask {m_i.shape} must match")
     dtype = np.dtype(dtype) if dtype is not None else k_h.dtype
-    try:
-        w_h = from_dense(k_h, m_h, block_shape, dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"recurrent_h: {e}") from None
+    w_h = _compress_recurrent("h", k_h, m_h, block_shape, dtype)
     return SparseRNNWeights(w_i=np.where(m_i, k_i, 0).astype(dtype),
                             b=(b_i + b_h).astype(dtype), w_h=w_h, cell=cell)
 
@@ -400,6 +410,8 @@ def sparse_rnn(
 ) -> tuple[jax.Array, jax.Array]:
     """A whole vanilla-RNN sequence forward, like `RecurrentLayer(cell, H)` without
     `lengths`: h_t = act(x_t W_i + h_{t-1} W_h + b), W_h block-sparse (portable XLA path).
+    For a ``reverse=True`` layer (the backward half of a bidirectional RNN), flip the time
+    axis of ``x`` and of the outputs.
 
     Args:
       x: (B, T, D) inputs.
@@ -413,14 +425,12 @@ def sparse_rnn(
     """
     w_i = jnp.asarray(weights.w_i)
     dtype = jnp.result_type(x.dtype, w_i.dtype)
-    batch, hidden = x.shape[0], weights.w_h.shape[1]
-    h0 = jnp.zeros((batch, hidden), dtype) if h0 is None else h0.astype(dtype)
-    if h0.shape != (batch, hidden):
-        raise ValueError(f"h0 has shape {h0.shape}, expected {(batch, hidden)}")
+    h0 = _initial_state(h0, x.shape[0], weights.w_h.shape[1], dtype)
     xp = jnp.einsum("btd,dh->tbh", x.astype(dtype), w_i.astype(dtype)) + jnp.asarray(weights.b)
 
     def step(h, xp_t):
-        pre = (xp_t + bsc_matmul_xla(h, weights.w_h)).astype(jnp.float32)
+        f32 = jnp.float32
+        pre = xp_t.astype(f32) + bsc_matmul_xla(h, weights.w_h).astype(f32)
         h = (jnp.tanh(pre) if weights.cell == "rnn" else jnp.clip(pre, 0.0, 20.0)).astype(dtype)
         return h, h
 

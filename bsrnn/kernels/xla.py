@@ -12,8 +12,8 @@ so the work and the bytes read scale with the number of stored blocks, not with 
 Step 2 has two forms (`product=`). "dot" is one batched `dot_general` over the blocks.
 "fma" writes the bh-term contraction out as bh broadcast multiply-adds, which XLA fuses
 with the gather into one vectorised loop. On XLA:CPU the batched product of many tiny
-matrices is slow: there "fma" is 1.5-5x faster for blocks of up to 256 entries with N > 1
-(measured in WORKSPACE.md, "CPU: the XLA path's product"), and "auto" picks it there.
+matrices is slow: there "fma" is 1.4-54x faster for blocks of up to 256 entries with N > 1
+(WORKSPACE.md, "CPU: the XLA path's product"), and "auto" picks it there.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ FMA_MAX_BLOCK = 256
 
 
 def auto_product(block_shape: tuple[int, int], n: int) -> Literal["dot", "fma"]:
-    """The product form "auto" uses for blocks of ``block_shape`` and an input of ``n`` rows:
-    "fma" on the CPU for blocks of at most `FMA_MAX_BLOCK` entries, except for a single row
-    with blocks 8 or more wide (a matrix-vector product, where "dot" is faster); "dot" on
-    other backends and other shapes."""
+    """The product form "auto" uses for blocks of ``block_shape`` and an input of ``n`` rows.
+
+    "fma" when ``jax.default_backend()`` is the CPU, for blocks of at most `FMA_MAX_BLOCK`
+    entries, except for a single row with blocks 8 or more wide (a matrix-vector product,
+    where "dot" is faster); "dot" on other backends and other shapes.
+    """
     bh, bw = block_shape
     if jax.default_backend() != "cpu" or bh * bw > FMA_MAX_BLOCK or (n == 1 and bw >= 8):
         return "dot"

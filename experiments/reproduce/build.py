@@ -120,12 +120,16 @@ def dense_baseline(runs: list[dict[str, Any]], model: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def sparsity(run: dict[str, Any]) -> str:
+    """A run's final sparsity over its prunable weights, in %."""
+    return f"{100 * run['sparsity']['total']['sparsity']:.1f}%"
+
+
 def result_cells(run: dict[str, Any] | None, dense: float | None) -> list[str]:
     """A one-seed run's sparsity, metric and relative cells ("not run yet" without it)."""
     if run is None:
         return ["not run yet", "", ""]
-    return [f"{100 * run['sparsity']['total']['sparsity']:.1f}%", f"{metric(run):.2f}",
-            relative(metric(run), dense)]
+    return [sparsity(run), f"{metric(run):.2f}", relative(metric(run), dense)]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -149,7 +153,7 @@ def main_table(study: str, metric_name: str, paper: dict | None) -> list[str]:
             rows.append([
                 f"{model.upper()} {features}", method.upper() if method != "dense" else "dense",
                 f"{group[0]['params']['nonzero'] / 1e6:.2f}",
-                f"{100 * group[0]['sparsity']['total']['sparsity']:.1f}%",
+                sparsity(group[0]),
                 summary(values), relative(float(np.mean(values)), dense),
                 *([paper.get((model, features, method), "")] if paper else []),
             ])
@@ -177,7 +181,7 @@ def gl_table() -> list[str]:
         dense = dense_baseline(load("an4_main"), model)
         values = [metric(r) for r in group]
         rows.append([f"{model.upper()} {features}", method.upper(),
-                     f"{100 * group[0]['sparsity']['total']['sparsity']:.1f}%", summary(values),
+                     sparsity(group[0]), summary(values),
                      relative(float(np.mean(values)), dense),
                      P1_GL.get((model, method, features), "")])
     return table(["model", "algorithm", "sparsity", "test CER %", "relative", "paper (P1, RNN)"],
@@ -229,10 +233,10 @@ def _main_rows(model: str, features: int, method: str, seed: int | None = None
 def reductions_table(model: str) -> list[str]:
     """Block reductions (P1's future work) from ``an4_reductions``; max at 4x4 is
     ``an4_main``'s BP row, seed 0 like the others."""
-    runs = load("an4_reductions") + [
-        {**r, "variant": "4x4max"} for r in _main_rows(model, 512, "bp", seed=0)]
-    if len(runs) == 1:
+    runs = load("an4_reductions")
+    if not runs:
         return ["*an4_reductions: not run yet.*", ""]
+    runs += [{**r, "variant": "4x4max"} for r in _main_rows(model, 512, "bp", seed=0)]
     dense = dense_baseline(load("an4_main"), model)
     by_variant = {r["variant"]: r for r in runs}
     rows = []
@@ -251,12 +255,12 @@ def sparsity_ladder(model: str) -> list[dict[str, Any]]:
 
 def sparsity_table(model: str) -> list[str]:
     """Test CER against the final sparsity of BP 4x4 (the numbers of the plot)."""
-    runs = sparsity_ladder(model)
-    if len(runs) <= 1:
+    if not load("an4_sparsity"):
         return ["*an4_sparsity: not run yet.*", ""]
+    runs = sparsity_ladder(model)
     dense = dense_baseline(load("an4_main"), model)
     return table(["target", "sparsity", "nonzero params (M)", "test CER %", "relative"], [
-        [r["variant"] or "90", f"{100 * r['sparsity']['total']['sparsity']:.1f}%",
+        [r["variant"] or "90", sparsity(r),
          f"{r['params']['nonzero'] / 1e6:.2f}", f"{metric(r):.2f}", relative(metric(r), dense)]
         for r in runs])
 
@@ -277,7 +281,7 @@ def oneshot_table(model: str) -> list[str]:
                 continue
             values = [metric(r) for r in group]
             rows.append([method.upper(), schedule,
-                         f"{100 * group[0]['sparsity']['total']['sparsity']:.1f}%",
+                         sparsity(group[0]),
                          summary(values), relative(float(np.mean(values)), dense)])
     return table(["algorithm", "schedule", "sparsity", "test CER %", "relative"], rows)
 
