@@ -10,7 +10,7 @@ Studies (``python experiments/reproduce/grid.py list`` prints every run and its 
   (192² / 512² = 0.14, P1's 704² / 1760² = 0.16); larger sparse models of 768 and 896
   (RNN, 1.5x and 1.75x the big one, as P1's 2560 and 3072 are of 1760) and 704 (GRU,
   1.375x, as 3584 of 2560). Rows dense, WP (1x1), BP 4x4, GL and GLP at 512; GLP and BP
-  on the larger sizes. Two seeds each. Pruning: the cubic schedule to 90% of every matrix
+  on the larger sizes. Two seeds each (three for the RNN, whose seeds disagree). Pruning: the cubic schedule to 90% of every matrix
   (equal sparsity makes rows comparable; P1 tunes its threshold per run to get there).
 * ``ptb_main``: the same ladder and rows on Penn Treebank words (perplexity), GRU and
   LSTM of 2 layers, 512 / 192 / 768.
@@ -75,6 +75,8 @@ RESULTS = REPO / "experiments" / "results"
 AN4 = "experiments/configs/an4_ds2.py"
 PTB = "experiments/configs/ptb_word.py"
 SEEDS = (0, 1)
+# The clipped-ReLU RNN's two seeds disagreed by up to 31 CER points on AN4: a third seed.
+AN4_SEEDS = {"rnn": (0, 1, 2), "gru": SEEDS}
 BLOCK_SHAPES = ((1, 1), (4, 4), (12, 2), (8, 8), (16, 16), (32, 32))
 REDUCTIONS = ("max", "mean", "rms", "geomean", "median")
 SIDE_MODEL = "gru"  # the model of the cubic block-size, reductions, sparsity and
@@ -151,7 +153,7 @@ def studies() -> dict[str, list[Run]]:
         _an4("an4_main", model, features, method, seed,
              keep_masks=seed == 0 and features == 512 and method in ("wp", "bp"))
         for model in ("rnn", "gru") for features, method in AN4_ROWS[model]
-        for seed in SEEDS
+        for seed in AN4_SEEDS[model]
     ]
     grid["ptb_main"] = [
         _ptb("ptb_main", cell, features, method, seed)
