@@ -10,8 +10,9 @@ Studies (``python experiments/reproduce/grid.py list`` prints every run and its 
   (192² / 512² = 0.14, P1's 704² / 1760² = 0.16); larger sparse models of 768 and 896
   (RNN, 1.5x and 1.75x the big one, as P1's 2560 and 3072 are of 1760) and 704 (GRU,
   1.375x, as 3584 of 2560). Rows dense, WP (1x1), BP 4x4, GL and GLP at 512; GLP and BP
-  on the larger sizes. Two seeds each (three for the RNN, whose seeds disagree). Pruning: the cubic schedule to 90% of every matrix
-  (equal sparsity makes rows comparable; P1 tunes its threshold per run to get there).
+  on the larger sizes. Two seeds each (three for the RNN, whose seeds disagree). Pruning:
+  the cubic schedule to 90% of every matrix (equal sparsity makes rows comparable; P1
+  tunes its threshold per run to get there).
 * ``ptb_main``: the same ladder and rows on Penn Treebank words (perplexity), GRU and
   LSTM of 2 layers, 512 / 192 / 768.
 * ``ptb_p3``: P3's block-diagonal recurrent matrices, LSTM, G in {2, 4, 8, 16} (G = 1 is
