@@ -36,7 +36,7 @@ Studies (``python experiments/reproduce/grid.py list`` prints every run and its 
 
 The last four studies use the GRU (``SIDE_MODEL``): they are read against its main-table
 rows, which were trained first, and its seeds agree far better than the clipped-ReLU
-RNN's on AN4 (CER half-ranges 0.3-1.5 points, GL 4.6, against up to 16).
+RNN's on AN4 (CER half-ranges 0.3-1.5 points, GL 4.6, against up to 32).
 
 Run studies (several processes share each GPU; a run whose ``report.json`` is already
 under ``--results`` is skipped; ``--deadline`` stops the rest and keeps what finished)::
