@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bsrnn import export
+from bsrnn.kernels import bsc
 
 
 def _block_mask(rng, shape, block_shape, density):
@@ -24,7 +25,7 @@ def test_bsc_layout_matches_hand_computed_example():
     k = np.arange(1, 16, dtype=np.float32).reshape(3, 5)
     keep = np.array([[1, 0, 1], [1, 1, 0]], bool)
     mask = np.kron(keep, np.ones((2, 2), bool))[:3, :5]
-    m = export.from_dense(k, mask, (2, 2))
+    m = bsc.from_dense(k, mask, (2, 2))
     # Column 0 holds block rows 0 and 1, column 1 block row 1, column 2 block row 0.
     np.testing.assert_array_equal(m.row_indices, [0, 1, 1, 0])
     np.testing.assert_array_equal(m.col_ptr, [0, 2, 3, 4])
@@ -51,44 +52,44 @@ def test_round_trip_equals_masked_kernel(shape, block_shape):
     rng = np.random.default_rng(hash((shape, block_shape)) % 2**32)
     k = rng.standard_normal(shape).astype(np.float32)
     mask, keep = _block_mask(rng, shape, block_shape, 0.3)
-    m = export.from_dense(k, mask, block_shape)
+    m = bsc.from_dense(k, mask, block_shape)
     assert m.nnzb == keep.sum()
-    np.testing.assert_array_equal(np.asarray(export.to_dense(m)), k * mask)
-    np.testing.assert_array_equal(np.asarray(jax.jit(export.to_dense)(m)), k * mask)
+    np.testing.assert_array_equal(np.asarray(bsc.to_dense(m)), k * mask)
+    np.testing.assert_array_equal(np.asarray(jax.jit(bsc.to_dense)(m)), k * mask)
 
 
 def test_value_dtype_and_pytree():
     rng = np.random.default_rng(1)
     k = rng.standard_normal((40, 24)).astype(np.float32)
     mask, _ = _block_mask(rng, k.shape, (8, 8), 0.5)
-    m = export.from_dense(k, mask, (8, 8), dtype=jnp.bfloat16)
+    m = bsc.from_dense(k, mask, (8, 8), dtype=jnp.bfloat16)
     assert m.values.dtype == jnp.bfloat16 and m.row_indices.dtype == np.int32
     leaves, treedef = jax.tree_util.tree_flatten(m)
     assert len(leaves) == 3
     m2 = jax.tree_util.tree_unflatten(treedef, leaves)
     assert m2.shape == (40, 24) and m2.block_shape == (8, 8)
-    dense = np.asarray(export.to_dense(m).astype(jnp.float32))
+    dense = np.asarray(bsc.to_dense(m).astype(jnp.float32))
     np.testing.assert_allclose(dense, k * mask, rtol=1e-2, atol=1e-2)
 
 
 def test_errors():
     k = np.ones((8, 8), np.float32)
     mask = np.kron(np.eye(2, dtype=bool), np.ones((4, 4), bool))
-    export.from_dense(k, mask, (4, 4))  # block-structured: fine.
+    bsc.from_dense(k, mask, (4, 4))  # block-structured: fine.
     broken = mask.copy()
     broken[0, 0] = False
     with pytest.raises(ValueError, match=r"not block-structured.*block \(0, 0\)"):
-        export.from_dense(k, broken, (4, 4))
+        bsc.from_dense(k, broken, (4, 4))
     with pytest.raises(ValueError, match="not block-structured"):
-        export.from_dense(k, mask, (8, 8))
+        bsc.from_dense(k, mask, (8, 8))
     with pytest.raises(ValueError, match="does not match kernel shape"):
-        export.from_dense(k, mask[:, :7], (4, 4))
+        bsc.from_dense(k, mask[:, :7], (4, 4))
     with pytest.raises(ValueError, match="boolean"):
-        export.from_dense(k, mask.astype(np.float32), (4, 4))
+        bsc.from_dense(k, mask.astype(np.float32), (4, 4))
     with pytest.raises(ValueError, match="2-D"):
-        export.from_dense(np.ones(8), np.ones(8, bool), (4, 4))
+        bsc.from_dense(np.ones(8), np.ones(8, bool), (4, 4))
     with pytest.raises(ValueError, match="positive"):
-        export.from_dense(k, mask, (0, 4))
+        bsc.from_dense(k, mask, (0, 4))
 
 
 def _model(rng, block_shape=(4, 4), density=0.1):
@@ -126,10 +127,10 @@ def test_export_save_load_and_size(tmp_path, dtype, max_ratio):
     want_dtype = np.float32 if dtype is None else np.dtype(dtype)
     for name in ("input", "recurrent"):
         m = loaded["rnn"][name]["kernel"]
-        assert isinstance(m, export.BlockSparseMatrix)
+        assert isinstance(m, bsc.BlockSparseMatrix)
         assert m.values.dtype == want_dtype and m.row_indices.dtype == np.int32
         ref = (params["rnn"][name]["kernel"] * masks["rnn"][name]["kernel"]).astype(want_dtype)
-        np.testing.assert_array_equal(np.asarray(export.to_dense(m)), ref)
+        np.testing.assert_array_equal(np.asarray(bsc.to_dense(m)), ref)
     np.testing.assert_array_equal(
         loaded["rnn"]["input"]["bias"], params["rnn"]["input"]["bias"].astype(want_dtype)
     )
@@ -174,12 +175,12 @@ def test_load_rejects_other_npz(tmp_path):
 
 def test_bfloat16_survives_file(tmp_path):
     k = np.linspace(-3, 3, 64, dtype=np.float32).reshape(8, 8)
-    m = export.from_dense(k, np.ones((8, 8), bool), (4, 4), dtype=ml_dtypes.bfloat16)
+    m = bsc.from_dense(k, np.ones((8, 8), bool), (4, 4), dtype=ml_dtypes.bfloat16)
     path = os.path.join(tmp_path, "m.npz")
     export.save_npz(path, {"w": m, "b": k[0].astype(ml_dtypes.bfloat16)})
     loaded = export.load_npz(path)
     assert loaded["b"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(loaded["b"], k[0].astype(ml_dtypes.bfloat16))
     np.testing.assert_array_equal(
-        np.asarray(export.to_dense(loaded["w"])), k.astype(ml_dtypes.bfloat16)
+        np.asarray(bsc.to_dense(loaded["w"])), k.astype(ml_dtypes.bfloat16)
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bsrnn import kernels
-from bsrnn.export import from_dense
+from bsrnn.kernels.bsc import from_dense
 
 
 def _case(seed, shape, block_shape, density=0.35):

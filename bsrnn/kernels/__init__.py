@@ -1,6 +1,6 @@
 """Block-sparse matrix products for exported sparse weights.
 
-`bsc_matmul(x, w)` computes y = x @ K for a `bsrnn.export.BlockSparseMatrix` K and picks
+`bsc_matmul(x, w)` computes y = x @ K for a `bsrnn.kernels.bsc.BlockSparseMatrix` K and picks
 the implementation from `jax.default_backend()`: the Pallas/Triton kernel on GPUs, the
 portable XLA path elsewhere. `impl=` overrides the choice.
 
@@ -15,7 +15,7 @@ from typing import Literal
 
 import jax
 
-from bsrnn.export import BlockSparseMatrix
+from bsrnn.kernels.bsc import BlockSparseMatrix
 from bsrnn.kernels.pallas_gpu import bsc_matmul_pallas
 from bsrnn.kernels.recurrence import (
     SparseGRUWeights,

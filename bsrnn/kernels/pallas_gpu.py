@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bsrnn.export import BlockSparseMatrix
+from bsrnn.kernels.bsc import BlockSparseMatrix
 
 _FMA_MAX_N = 8
 _FMA_ACC_ELEMENTS = 8192  # TM * R * bw_pad of the "fma" accumulator

@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsrnn.export import BlockSparseMatrix, from_dense
 from bsrnn.kernels import recurrence_pallas
+from bsrnn.kernels.bsc import BlockSparseMatrix, from_dense
 from bsrnn.kernels.xla import bsc_matmul_xla
 
 RecurrenceImpl = Literal["xla", "pallas", "pallas_interpret", "persistent"]

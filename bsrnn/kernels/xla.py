@@ -1,6 +1,6 @@
 """Portable block-sparse product y = x @ K in plain XLA ops (any backend, jittable).
 
-K is a `BlockSparseMatrix` (block-compressed sparse columns, see `bsrnn.export`). The
+K is a `BlockSparseMatrix` (block-compressed sparse columns, see `bsrnn.kernels.bsc`). The
 product is three steps, each a stock XLA op:
 
 1. gather: xg[k, n, :] = x[n, row_indices[k]*bh : (row_indices[k]+1)*bh]  (nnzb, N, bh)
@@ -23,7 +23,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from bsrnn.export import BlockSparseMatrix, block_col_ids
+from bsrnn.kernels.bsc import BlockSparseMatrix, block_col_ids
 
 Product = Literal["auto", "dot", "fma"]
 

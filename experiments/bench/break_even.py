@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from matmul import block_mask, chained, profile_jax, rel_err  # noqa: E402
 
-from bsrnn.export import from_dense  # noqa: E402
 from bsrnn.kernels import bsc_matmul_pallas  # noqa: E402
+from bsrnn.kernels.bsc import from_dense  # noqa: E402
 
 BLOCKS = ((1, 1), (4, 4), (8, 8), (16, 16), (32, 32))
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97)

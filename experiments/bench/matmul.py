@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsrnn.export import BlockSparseMatrix, from_dense
 from bsrnn.kernels import bsc_matmul_pallas, bsc_matmul_xla
+from bsrnn.kernels.bsc import BlockSparseMatrix, from_dense
 
 MATRICES = {  # name: (in_features, out_features, block sparsity)
     "rnn1760": (1760, 1760, 0.90),

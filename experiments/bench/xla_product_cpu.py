@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from matmul import block_mask, chained, time_interleaved  # noqa: E402
 
-from bsrnn.export import block_col_ids, from_dense  # noqa: E402
 from bsrnn.kernels import bsc_matmul_xla  # noqa: E402
+from bsrnn.kernels.bsc import block_col_ids, from_dense  # noqa: E402
 
 SIZE, SPARSITY, REPS = 1760, 0.9, 8
 
