@@ -13,10 +13,12 @@ on synthetic batches of two experiment shapes:
 
 Baseline: the masked model with ``keep_masked`` (method ``dense``: masks applied, no pruning).
 Against it: method ``bp`` (``block_prune`` 4x4, cubic schedule from step 0) with masks
-recomputed every 100 and every 10 steps. Every variant runs chunks of ``--period`` steps
-(a multiple of both frequencies, so each chunk holds its share of update steps) and is
-timed per chunk, the variants interleaved in one process; reported: median ms per step
-and the ratio to the baseline.
+recomputed every 100 and every 10 steps, the trainer telling each step whether it is an
+update step (``update_masks``, no conditional in the program), and the same with the
+decision left to the device (one ``lax.cond``, a user's own loop). Every variant runs chunks
+of ``--period`` steps (a multiple of both frequencies, so each chunk holds its share of
+update steps) and is timed per chunk, the variants interleaved in one process; reported:
+median ms per step and the ratio to the baseline.
 
 ``--model scan`` is the first round's comparison: a masked GRU scan (T 128, H 512, batch
 32, MSE) against ``flax.linen.RNN(GRUCell)``, one step timed at a time.
@@ -44,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bsrnn import cells, configs, pruning, train
+from bsrnn import cells, configs, methods, pruning, train
 from bsrnn.models import ds2, lm
 from bsrnn.schedules import CubicSparsity
 
@@ -89,8 +91,12 @@ def ds2_setup(args):
     return config, model, "ctc", batch
 
 
-def trainer_variant(config, model, task, batch, method, freq):
-    """The trainer's step for ``method`` (masks recomputed every ``freq`` steps from 0)."""
+def trainer_variant(config, model, task, batch, method, freq, host_decides=True):
+    """The trainer's step for ``method`` (masks recomputed every ``freq`` steps from 0).
+
+    ``host_decides``: pass ``update_masks`` from ``methods.mask_update_steps`` as the
+    trainer does; else leave it to the device (one ``lax.cond``), as a user's own loop does.
+    """
     config = config.copy_and_resolve_references()
     config.method = method
     config.num_steps = 1_000_000
@@ -99,11 +105,15 @@ def trainer_variant(config, model, task, batch, method, freq):
     state, tx, _ = train.initial_state(config, model, task, batch)
     state = jax.tree_util.tree_map(jnp.copy, state)  # own buffers, as after sharding.put
     step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, task=task),
-                      donate_argnums=0)
+                      donate_argnums=0, static_argnames="update_masks")
+    due = methods.mask_update_steps(config)
+    done = [0]  # the host's step counter, as in the trainer's loop
 
     def run(state, steps):
-        for _ in range(steps):
-            state, _ = step_fn(state, batch)
+        for step in range(done[0], done[0] + steps):
+            state, _ = step_fn(state, batch,
+                               update_masks=bool(due[step]) if host_decides else None)
+        done[0] += steps
         return state
 
     return run, state
@@ -130,6 +140,9 @@ def bench_trainer(args, setup):
     for freq in (100, 10):
         variants[f"block_prune 4x4, freq {freq}"] = trainer_variant(
             config, model, task, batch, "bp", freq)
+    for freq in (100, 10):
+        variants[f"block_prune 4x4, freq {freq}, decided on the device"] = trainer_variant(
+            config, model, task, batch, "bp", freq, host_decides=False)
     return time_chunks(variants, args.period, args.repeats), "keep_masked (baseline)"
 
 
