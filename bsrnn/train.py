@@ -59,10 +59,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import struct
+from flax import struct, traverse_util
 from tqdm import tqdm
 
-from bsrnn import ctc, data, input_pipeline, methods, models, pruning, report, sharding
+from bsrnn import blocks, ctc, data, input_pipeline, methods, models, pruning, report, sharding
 
 
 class CheckpointError(RuntimeError):
@@ -294,6 +294,19 @@ def _restore(
     return restored.state, progress["position"], float(progress["wall_time_s"])
 
 
+def _check_recurrent_modules(masks: Any, modules: int) -> None:
+    """On the host, raise ``ValueError`` unless every recurrent mask is within P3's
+    ``block_diagonal(modules)`` (a checkpoint saved with another G would otherwise make
+    the block-diagonal layers output NaN)."""
+    if modules == 1:
+        return
+    for path, mask in traverse_util.flatten_dict(jax.device_get(masks)).items():
+        if pruning.default_layer_type(path, mask) == "recurrent":
+            blocks.check_block_diagonal(
+                mask, modules, f"the restored mask {'/'.join(path)} (config.structure.num_modules"
+                f"={modules})")
+
+
 def _sparsity_scalars(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {f"sparsity/{name}": entry["sparsity"] for name, entry in layers.items()}
 
@@ -358,6 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     manager = _checkpoint_manager(workdir, config)
     state, position, previous_time = _restore(manager, state)
+    _check_recurrent_modules(state.masks, methods.recurrent_modules(config))
     start = int(state.step)
     if start:
         logging.info("Resuming %s from step %d.", workdir, start)
