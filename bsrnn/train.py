@@ -613,12 +613,14 @@ def _train_and_evaluate(
     watch = _DivergenceWatch(events, initial_loss,
                              _records(workdir / "metrics.jsonl") if primary else [])
 
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, task=task),
-        in_shardings=(shardings, sharding.batch_sharded(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
-        static_argnames="update_masks",
-    )
+    step_fns = {  # by whether the step recomputes masks; each compiles when first used
+        update: jax.jit(
+            functools.partial(train_step, model=model, tx=tx, task=task, update_masks=update),
+            in_shardings=(shardings, sharding.batch_sharded(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+        )
+        for update in (False, True)
+    }
     masks_due = methods.mask_update_steps(config)
     batches: Iterator = input_pipeline.train_batches(dataset, config, position)
     sums, count, window_start = None, 0, time.time()
@@ -626,8 +628,8 @@ def _train_and_evaluate(
                     total=config.num_steps)
     for step in bar:
         batch, position = next(batches)
-        state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh),
-                                      update_masks=bool(masks_due[step]))
+        state, step_metrics = step_fns[bool(masks_due[step])](
+            state, sharding.put_batch(batch, mesh))
         if initial_loss is None:
             initial_loss = watch.initial_loss = float(step_metrics["loss"])
         sums = step_metrics if sums is None else jax.tree_util.tree_map(
