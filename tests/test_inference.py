@@ -8,8 +8,6 @@ zeroed.
 """
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -142,18 +140,19 @@ def test_ds2_logits_equal_the_masked_dense_model_with_lengths(tmp_path, cell, bi
                 features={"kind": "mfc", "num_mels": 5, "mean": [0.0] * 5, "std": [1.0] * 5})
     path = _export(tmp_path, params, masks, info)
     want, want_lengths = model.apply({"params": params, "masks": masks}, features, lengths)
-    for impl in ("auto", "dense"):
-        loaded = inference.load(path, impl=impl)
-        got, got_lengths = loaded(features, lengths)
-        np.testing.assert_array_equal(got_lengths, want_lengths)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    if cell != "lstm":
-        sparse = inference.load(path)
-        assert all(layer.sparse is not None for depth in sparse.weights.layers
-                   for layer in depth)
+    loaded = inference.load(path)
+    got, got_lengths = loaded(features, lengths)
+    np.testing.assert_array_equal(got_lengths, want_lengths)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    kernels_used = [layer.sparse is not None for depth in loaded.weights.layers
+                    for layer in depth]
+    assert all(kernels_used) if cell != "lstm" else not any(kernels_used)
+    assert isinstance(loaded.weights.fc.kernel, BlockSparseMatrix)
+    if cell != "gru":
+        return
     # Transcripts: greedy CTC of the reference logits.
     valid = [features[b, : int(lengths[b])] for b in (0, 1, 3)]
-    texts = inference.load(path).transcribe_features(valid)
+    texts = loaded.transcribe_features(valid)
     best = np.asarray(jnp.argmax(want, -1))
     for text, b in zip(texts, (0, 1, 3), strict=True):
         path_ids = [int(i) for i in best[b, : int(want_lengths[b])]]
@@ -239,10 +238,11 @@ def test_bad_files_get_a_clear_error_naming_the_file(tmp_path):
         inference.load(tmp_path / "nope.npz")
 
 
-def test_a_run_exports_its_model_and_the_command_line_uses_it(tiny_text, tmp_path):
+def test_a_run_exports_its_model_and_the_command_line_uses_it(tiny_text, tmp_path, capsys):
     from conftest import tiny_lm_config
 
     from bsrnn import train
+    from bsrnn.inference import __main__ as cli
 
     config = tiny_lm_config(tiny_text, steps=8)
     state = train.train_and_evaluate(config, tmp_path / "run")
@@ -253,27 +253,26 @@ def test_a_run_exports_its_model_and_the_command_line_uses_it(tiny_text, tmp_pat
     want, _ = model.apply({"params": state.params, "masks": state.masks}, tokens)
     np.testing.assert_allclose(loaded(tokens)[0], want, rtol=1e-4, atol=1e-4)
     assert isinstance(loaded.weights.layers[0].sparse.w_h, BlockSparseMatrix)
-    entry = json.loads((tmp_path / "run" / "report.json").read_text())["export"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    entry = report["export"]
     assert entry["file_bytes"] == path.stat().st_size and entry["dtype"] == "float32"
-    assert entry["inference_speedup"] > 0
+    assert entry["inference_speedup"] > 0 and entry["samples"]
+    assert "the speed of the masked dense model" in capsys.readouterr().out
 
     # The export command on the same workdir writes the same weights (newest checkpoint).
     out = tmp_path / "again.npz"
-    run = [sys.executable, "-m", "bsrnn.export", f"--workdir={tmp_path / 'run'}",
-           f"--out={out}"]
-    subprocess.run(run, check=True, capture_output=True, text=True)
-    a, b = export.load_npz(path), export.load_npz(out)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    export.main([f"--workdir={tmp_path / 'run'}", f"--out={out}"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, export.load_npz(path),
+                           export.load_npz(out))
 
-    sample = subprocess.run(
-        [sys.executable, "-m", "bsrnn.inference", "sample", f"--model={path}", "--length=30",
-         "--prompt=abc ", "--seed=1"], check=True, capture_output=True, text=True)
-    assert sample.stdout.rstrip("\n") == "abc " + loaded.sample(30, prompt="abc ", seed=1)
-    evaluate = subprocess.run(
-        [sys.executable, "-m", "bsrnn.inference", "evaluate", f"--model={path}",
-         f"--config={tmp_path / 'run' / 'config.json'}"],
-        check=True, capture_output=True, text=True)
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    capsys.readouterr()
+    cli.main(["sample", f"--model={path}", "--length=30", "--prompt=abc ", "--seed=1"])
+    assert capsys.readouterr().out == "abc " + loaded.sample(30, prompt="abc ", seed=1) + "\n"
+    cli.main(["evaluate", f"--model={path}", f"--config={tmp_path / 'run' / 'config.json'}"])
+    printed = dict(line.split(" (")[0].rsplit(" ", 1)
+                   for line in capsys.readouterr().out.splitlines())
     for split in ("valid", "test"):
-        bpc = report["metrics"][split]["bpc"]
-        assert f"{split} bpc {bpc:.6f}" in evaluate.stdout, evaluate.stdout
+        assert float(printed[f"{split} bpc"]) == pytest.approx(
+            report["metrics"][split]["bpc"], abs=1e-5)
+    with pytest.raises(SystemExit, match="is a language model"):
+        cli.main(["transcribe", f"--model={path}", "x.mfc"])

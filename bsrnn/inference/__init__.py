@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from bsrnn import cells, ctc, data, export, kernels
-from bsrnn.kernels.bsc import BlockSparseMatrix, to_dense
+from bsrnn.kernels.bsc import BlockSparseMatrix
 from bsrnn.models import MODEL_NAMES, ds2
 
 IMPLS = ("auto", "dense", "xla", "pallas", "pallas_interpret")
@@ -157,13 +157,24 @@ def recurrent(
 
 
 def _kernel_and_mask(leaf: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A stored kernel as a dense (in, out) array and its boolean mask."""
-    if isinstance(leaf, BlockSparseMatrix):
-        ones = dataclasses.replace(leaf, values=np.ones(leaf.values.shape, np.float32))
-        mask = np.asarray(to_dense(ones)) != 0
-        return np.asarray(to_dense(leaf)).astype(dtype), mask
-    leaf = np.asarray(leaf)
-    return leaf.astype(dtype), np.ones(leaf.shape, bool)
+    """A stored kernel as a dense (in, out) array (pruned entries zero) and its boolean mask.
+
+    On the host in NumPy: `bsc.to_dense` is jittable JAX, and run eagerly its half-dozen
+    ops per kernel cost more than the rest of `load`.
+    """
+    if not isinstance(leaf, BlockSparseMatrix):
+        leaf = np.asarray(leaf)
+        return leaf.astype(dtype), np.ones(leaf.shape, bool)
+    (n_in, n_out), (bh, bw), (nbr, nbc) = leaf.shape, leaf.block_shape, leaf.grid_shape
+    cols = np.repeat(np.arange(nbc), np.diff(np.asarray(leaf.col_ptr)))
+    rows = np.asarray(leaf.row_indices)
+    blocks = np.zeros((nbr, nbc, bh, bw), dtype)
+    blocks[rows, cols] = np.asarray(leaf.values).astype(dtype)
+    keep = np.zeros((nbr, nbc), bool)
+    keep[rows, cols] = True
+    kernel = blocks.transpose(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)[:n_in, :n_out]
+    mask = np.kron(keep, np.ones((bh, bw), bool))[:n_in, :n_out]
+    return kernel, mask
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
@@ -180,7 +191,7 @@ def _cast(tree: Any, dtype: Any) -> Any:
 def _linear(params: dict, impl: str, dtype: Any) -> Linear:
     kernel = params["kernel"]
     if impl == "dense" and isinstance(kernel, BlockSparseMatrix):
-        kernel = to_dense(kernel)
+        kernel = _kernel_and_mask(kernel, np.asarray(kernel.values).dtype)[0]
     bias = params.get("bias")
     return Linear(_cast(kernel, dtype), None if bias is None else _cast(bias, dtype),
                   _kernel_impl(impl))
@@ -297,6 +308,7 @@ class LanguageModel:
 
     Attributes:
       weights: the `LMWeights` (pass them to `lm_forward` yourself to jit your own loop).
+      sampler: `sample_tokens` of this model, jitted (`sample_ids` calls it).
       vocab: the `bsrnn.data.Vocabulary`.
       unit: "char" or "word".
       info: the file's model description (`bsrnn.export.model_info`).
@@ -310,7 +322,8 @@ class LanguageModel:
         self.cell = info["kwargs"].get("cell", "gru")
         self.features = int(info["kwargs"].get("features", 256))
         self._forward = jax.jit(lm_forward)
-        self._sample = jax.jit(functools.partial(sample_tokens, lm_forward),
+        # (weights, prompt, carry, noise, *, temperature) -> ids: `sample_tokens`, jitted.
+        self.sampler = jax.jit(functools.partial(sample_tokens, lm_forward),
                                static_argnames="temperature")
 
     def __call__(self, tokens: Any, carry: Any = None) -> tuple[jax.Array, tuple]:
@@ -361,7 +374,7 @@ class LanguageModel:
             raise ValueError("the prompt encodes to no token; give at least one")
         prompt_ids = jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (batch_size, ids.size))
         noise = jax.random.gumbel(jax.random.key(seed), (length, batch_size, len(self.vocab)))
-        return np.asarray(self._sample(self.weights, prompt_ids, None, noise,
+        return np.asarray(self.sampler(self.weights, prompt_ids, None, noise,
                                        temperature=float(temperature)))
 
     def sample(self, length: int, *, temperature: float = 1.0, prompt: str = "",
