@@ -506,6 +506,36 @@ def _check_info(path: Any, info: dict | None) -> dict:
     return info
 
 
+def masked_dense(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The Flax model an export describes, and its variables: the masked dense model.
+
+    Returns:
+      (`bsrnn.models.<name>.Model(**kwargs)`, {"params": ..., "masks": ...}), every kernel
+      dense in float32 and every mask the model has (block-sparse kernels' masks rebuilt from
+      their stored blocks, the others all True). `model.apply(variables, ...)` gives the
+      logits `load(path)` gives, up to rounding.
+    """
+    from bsrnn import models
+
+    params, info, _ = export.load_file(path)
+    info = _check_info(path, info)
+    model = models.model_module(info["name"]).Model(**info["kwargs"])
+    if info["name"] == "lm":
+        example = (jnp.zeros((1, 1), jnp.int32),)
+    else:
+        width = int((info.get("features") or {}).get("num_mels", data.speech.MFC_DIM))
+        example = (jnp.zeros((1, 16, width)), jnp.ones((1,), jnp.int32))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *example)
+    flat = export._flatten(params)
+    dense, masks = {}, {}
+    for key, leaf in flat.items():
+        dense[key] = _kernel_and_mask(leaf, np.float32)[0] if isinstance(
+            leaf, BlockSparseMatrix) else np.asarray(leaf, np.float32)
+    for key in export._flatten(abstract["masks"]):
+        masks[key] = _kernel_and_mask(flat[key], np.float32)[1]
+    return model, {"params": export._unflatten(dense), "masks": export._unflatten(masks)}
+
+
 def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None
          ) -> LanguageModel | SpeechModel:
     """Loads an exported model (`bsrnn.export`, e.g. a run's `<workdir>/model.npz`).
