@@ -82,6 +82,9 @@ def test_lm_logits_equal_the_masked_dense_model(tmp_path, cell, num_layers, mask
         second, _ = loaded(tokens[:, 4:], c)
         np.testing.assert_allclose(jnp.concatenate([first, second], 1), want, rtol=1e-4,
                                    atol=1e-4)
+    rebuilt, rebuilt_variables = inference.masked_dense(path)  # the benchmarks' baseline
+    np.testing.assert_allclose(rebuilt.apply(rebuilt_variables, tokens)[0], want, rtol=1e-5,
+                               atol=1e-5)
     sparse = inference.load(path)
     if cell != "lstm":  # the kernels have no LSTM yet: it runs masked dense
         assert all(layer.sparse is not None for layer in sparse.weights.layers)
