@@ -62,10 +62,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import struct
+from flax import struct, traverse_util
 from tqdm import tqdm
 
-from bsrnn import ctc, data, input_pipeline, methods, models, pruning, report, sharding
+from bsrnn import blocks, ctc, data, input_pipeline, methods, models, pruning, report, sharding
 
 
 class CheckpointError(RuntimeError):
@@ -147,10 +147,13 @@ def _ctc_loss(logits: jax.Array, lengths: jax.Array, batch: dict[str, Any]) -> j
 
 
 def train_step(
-    state: TrainState, batch: dict[str, Any], *, model: Any, tx: Any, task: str
+    state: TrainState, batch: dict[str, Any], *, model: Any, tx: Any, task: str,
+    update_masks: bool | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update; see the module docstring. Returns the new state and the
-    step's ``loss`` and ``grad_norm``."""
+    step's ``loss`` and ``grad_norm``. ``update_masks`` (static): whether the pruning
+    transformation recomputes masks at this step, from :func:`bsrnn.methods.mask_update_steps`
+    (then the program has no conditional), or ``None``: it decides on the device."""
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
@@ -165,7 +168,8 @@ def train_step(
         return _ctc_loss(logits, lengths, batch).mean(), state.carry
 
     (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks,
+                                   update_masks=update_masks)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1, params=params, masks=pruning.updated_masks(opt_state, state.masks),
@@ -293,6 +297,19 @@ def _restore(
     return restored.state, progress["position"], float(progress["wall_time_s"])
 
 
+def _check_recurrent_modules(masks: Any, modules: int) -> None:
+    """On the host, raise ``ValueError`` unless every recurrent mask is within P3's
+    ``block_diagonal(modules)`` (a checkpoint saved with another G would otherwise make
+    the block-diagonal layers output NaN)."""
+    if modules == 1:
+        return
+    for path, mask in traverse_util.flatten_dict(jax.device_get(masks)).items():
+        if pruning.default_layer_type(path, mask) == "recurrent":
+            blocks.check_block_diagonal(
+                mask, modules, f"the restored mask {'/'.join(path)} (config.structure.num_modules"
+                f"={modules})")
+
+
 def _sparsity_scalars(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {f"sparsity/{name}": entry["sparsity"] for name, entry in layers.items()}
 
@@ -357,6 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     manager = _checkpoint_manager(workdir, config)
     state, position, previous_time = _restore(manager, state)
+    _check_recurrent_modules(state.masks, methods.recurrent_modules(config))
     start = int(state.step)
     if start:
         logging.info("Resuming %s from step %d.", workdir, start)
@@ -370,14 +388,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         functools.partial(train_step, model=model, tx=tx, task=task),
         in_shardings=(shardings, sharding.batch_sharded(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+        static_argnames="update_masks",
     )
+    masks_due = methods.mask_update_steps(config)
     batches: Iterator = input_pipeline.train_batches(dataset, config, position)
     sums, count, window_start = None, 0, time.time()
     bar = _progress(range(start, config.num_steps), "train", initial=start,
                     total=config.num_steps)
     for step in bar:
         batch, position = next(batches)
-        state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh))
+        state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh),
+                                      update_masks=bool(masks_due[step]))
         sums = step_metrics if sums is None else jax.tree_util.tree_map(
             jnp.add, sums, step_metrics)
         count += 1
