@@ -461,7 +461,10 @@ def main(argv: list[str] | None = None) -> None:
     if not config_file.is_file():
         parser.error(f"{config_file} is missing: --workdir must be a run's workdir.")
     config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    step, params, masks = restore_newest(workdir)
+    try:
+        step, params, masks = restore_newest(workdir)
+    except FileNotFoundError as e:
+        parser.error(str(e))
     report_file = workdir / "report.json"
     metrics = {}
     if report_file.is_file():
@@ -471,8 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = None if args.dtype == "float32" else args.dtype
     sizes = export_run(out, config, params, masks, input_pipeline.load(config), step=step,
                        metrics=metrics, dtype=dtype)
-    print(f"wrote {out}: step {step}, {os.path.getsize(out):,} bytes "
-          f"({sizes.ratio:.1%} of the dense fp32 model's {sizes.dense_fp32_bytes:,})")
+    print(f"wrote {out}: step {step}, {os.path.getsize(out):,} bytes; the dense fp32 weights "
+          f"take {sizes.dense_fp32_bytes:,} ({sizes.dense_fp32_bytes / os.path.getsize(out):.1f}x "
+          "as much)")
 
 
 if __name__ == "__main__":
