@@ -9,6 +9,8 @@ model. One process, calls interleaved (sparse, dense, cudnn, sparse, ...), media
 * LM sampling at batch 1: tokens per second, the state carried step to step inside one
   `lax.scan` (`bsrnn.inference.sample_tokens`), Gumbel-max sampling at temperature 0.8 on
   both sides; cuDNN: a Python loop of one-step `torch.nn.GRU` calls.
+* The same with both sides' weights compiled into the program as constants
+  (`compare_sampling(constants=True)`: XLA then folds the kernels' per-call index work).
 * LM scoring: one forward pass over a (32, 100) batch, tokens per second.
 * DS2 transcription (forward + greedy CTC decoding), batch 1 (a median-length utterance) and
   batch 32: utterances per second and real-time factor (compute seconds per second of
@@ -233,6 +235,8 @@ def main() -> None:
         print(f"LM {results['lm']['model']}: sampling {args.length} tokens, batch 1", flush=True)
         sampling = speed.compare_sampling(exported, model, variables, length=args.length,
                                           repeats=args.repeats)
+        baked = speed.compare_sampling(exported, model, variables, length=args.length,
+                                       repeats=args.repeats, constants=True)
         tokens = np.random.default_rng(0).integers(0, len(exported.vocab), (32, 100))
         print("LM: scoring (32, 100)", flush=True)
         scoring = speed.compare_scoring(exported, model, variables, tokens,
@@ -249,7 +253,8 @@ def main() -> None:
             forward = jax.jit(inference.lm_forward)
             _with_cudnn(scoring, score_c, lambda: forward(exported.weights, tokens)[0],
                         tokens.size, args.repeats, "tokens_per_s")
-        results["lm"].update(sampling_b1=sampling, scoring_b32_t100=scoring)
+        results["lm"].update(sampling_b1=sampling, sampling_b1_constants=baked,
+                             scoring_b32_t100=scoring)
 
     if "ds2" not in skip:
         path = Path(args.ds2_model) if args.ds2_model else random_ds2(folder, args.ds2_features)
@@ -285,6 +290,7 @@ def markdown(results: dict) -> str:
                   "| task | exported sparse | masked dense | ratio | cuDNN | ratio |",
                   "|---|---|---|---|---|---|"]
         for key, label in (("sampling_b1", "sampling, B = 1 (tokens/s)"),
+                           ("sampling_b1_constants", "sampling, B = 1, weights compiled in"),
                            ("scoring_b32_t100", "scoring, (32, 100) (tokens/s)")):
             r = lm_results[key]
             cudnn = (f"{r['cudnn_tokens_per_s']:,.0f} | {r['speedup_vs_cudnn']:.2f}x"
