@@ -45,6 +45,9 @@ One run, from a config (see ``experiments/configs``) into a working directory:
 * **Report**: ``<workdir>/report.json`` (final metrics, sparsity overall and per layer,
   total and nonzero parameters, method, blocks, wall time, config), printed as a table, and
   ``<workdir>/masks.npz``, the final masks (:func:`bsrnn.report.load_masks` reads them).
+* **Export**: ``<workdir>/model.npz``, the model block-sparse (:mod:`bsrnn.export`), run
+  from the file (:mod:`bsrnn.inference`): a few samples or transcripts, and its speed against
+  the masked dense model (``report.json``'s ``export`` entry, :func:`export_model`).
 
 A NaN or infinite loss (or gradient norm) stops the run with ``FloatingPointError``
 before anything non-finite is saved; the last good checkpoint stays. A run that diverges
@@ -687,10 +690,59 @@ def _train_and_evaluate(
                               previous_time + time.time() - started, events)
         report.save_masks(workdir / "masks.npz", jax.device_get(state.masks))
         (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["export"] = export_model(config, workdir, state, dataset, model, final)
+        (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
         print(report.format_report(result), flush=True)
         for warning in result["warnings"]:
             print(f"WARNING (step {warning['step']}): {warning['message']}", flush=True)
     return state
+
+
+def export_model(
+    config: ml_collections.ConfigDict, workdir: Path, state: TrainState,
+    dataset: input_pipeline.Data, model: Any, metrics: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """Writes ``<workdir>/model.npz`` (:func:`bsrnn.export.export_run`), runs the exported
+    model and times it against the masked dense model, side by side in this process.
+
+    Language models sample a few lines at temperature 0.8 and time sampling at batch 1
+    (:func:`bsrnn.inference.speed.compare_sampling`); speech models transcribe test
+    utterances and time one batch of ``eval_batch_size`` of them. A config with
+    ``export_timing=False`` skips the samples and the timing (their compilations take a few
+    seconds; the tests' tiny runs need neither).
+
+    Returns:
+      ``report.json``'s ``export`` entry: the file, its bytes against the dense fp32
+      weights, dtype, what was timed and its ``inference_speedup``, and the samples.
+    """
+    from bsrnn import export, inference
+    from bsrnn.inference import speed
+
+    path = workdir / "model.npz"
+    params, masks = jax.device_get((state.params, state.masks))
+    sizes = export.export_run(path, config, params, masks, dataset, step=int(state.step),
+                              metrics=metrics)
+    exported = inference.load(path)
+    variables = {"params": params, "masks": masks}
+    entry = {"file": str(path), "file_bytes": path.stat().st_size,
+             "stored_bytes": sizes.stored_bytes, "dense_fp32_bytes": sizes.dense_fp32_bytes,
+             "dtype": "float32", "backend": jax.default_backend()}
+    if not config.get("export_timing", True):
+        return entry
+    if isinstance(exported, inference.LanguageModel):
+        timed = "sampling 600 tokens at batch 1"
+        measured = speed.compare_sampling(exported, model, variables, length=600)
+        text = exported.sample(600, temperature=0.8, seed=config.seed)
+        samples = text.strip("\n").split("\n")[:4]
+    else:
+        test = dataset.corpus.test[: config.eval_batch_size]
+        samples = [f"{u.transcript} -> {t}" for u, t in zip(
+            test[:3], exported.transcribe_features([u.features for u in test[:3]]), strict=True)]
+        timed = f"transcribing a batch of {len(test)} test utterances"
+        measured = speed.compare_transcription(exported, model, variables,
+                                               [u.features for u in test])
+    return {**entry, "timed": timed, "inference": measured,
+            "inference_speedup": measured["speedup"], "samples": samples}
 
 
 class _NoWriter:
