@@ -169,33 +169,20 @@ def _mma_transforms(n_cols: int, itemsize: int) -> tuple[Any, ...]:
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _step_kernel(plan: _Plan, steps: int, n: int, dtype: Any, stages: int, interpret: Any):
-    """The one-step pallas_call: (cnt, hT, xpT, b_hnT, wt, rows, ptr) -> (hT, cnt + 1)."""
+def _step_kernel(plan: _Plan, n: int, dtype: Any, stages: int, interpret: Any):
+    """One step as a Mosaic GPU kernel: (cnt, hT_t, xpT, b_hnT, wt, rows, ptr) ->
+    (hT_{t+1}, cnt + 1), hT of shape (Hq, N), t = cnt[0] (indexes xpT)."""
     hq, chunk = plan.hq, plan.chunk
     nq = hq // TILE
     k = TILE * chunk
     itemsize = np.dtype(dtype).itemsize
     # wgmma needs one swizzle for both operands: the narrow side (N) sets it.
-    a_tr = b_tr = _mma_transforms(n, itemsize)
+    tr = _mma_transforms(n, itemsize)
 
-    def body(cnt_ref, h_in, xp_ref, bhn_ref, wt_ref, rows_ref, ptr_ref, h_ref, cnt_out):
-        del h_in  # aliased with h_ref
-        pl.run_scoped(
-            functools.partial(step_body, cnt_ref, xp_ref, bhn_ref, wt_ref, rows_ref, ptr_ref,
-                              h_ref, cnt_out),
-            plgpu.SMEM((stages, ROWS, k), dtype, transforms=a_tr),
-            plgpu.SMEM((stages, k, n), dtype, transforms=b_tr),
-            plgpu.SMEM((5, ROWS, n), dtype, transforms=b_tr),
-            plgpu.SMEM((ROWS, n), dtype, transforms=b_tr),
-            plgpu.Barrier(num_arrivals=1 + chunk, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=5),
-        )
-
-    def step_body(cnt_ref, xp_ref, bhn_ref, wt_ref, rows_ref, ptr_ref, h_ref, cnt_out,
-                  a_smem, b_smem, io_smem, out_smem, ring_bar, io_bar):
-        j = pl.program_id(0)
+    def body(cnt_ref, h_ref, xp_ref, bhn_ref, wt_ref, rows_ref, ptr_ref, out_ref, cnt_out,
+             a_smem, b_smem, io_smem, out_smem, ring_bar, io_bar):
+        j = jax.lax.axis_index("j")
         t = cnt_ref[0]
-        h_base = t * hq
         first = ptr_ref[3 * j]
         last = ptr_ref[3 * j + 3]
 
@@ -205,8 +192,7 @@ def _step_kernel(plan: _Plan, steps: int, n: int, dtype: Any, stages: int, inter
             plgpu.copy_gmem_to_smem(
                 xp_ref.at[pl.ds((t * 3 + g) * hq + j * TILE, TILE)],
                 io_smem.at[g, pl.ds(0, TILE)], io_bar)
-        plgpu.copy_gmem_to_smem(h_ref.at[pl.ds(h_base + j * TILE, TILE)],
-                                io_smem.at[3, pl.ds(0, TILE)], io_bar)
+        plgpu.copy_gmem_to_smem(h_ref.at[feat], io_smem.at[3, pl.ds(0, TILE)], io_bar)
         plgpu.copy_gmem_to_smem(bhn_ref.at[feat], io_smem.at[4, pl.ds(0, TILE)], io_bar)
 
         def fetch(q):  # chunk q (absolute index) into ring slot (q - first) % stages
@@ -215,7 +201,7 @@ def _step_kernel(plan: _Plan, steps: int, n: int, dtype: Any, stages: int, inter
                                     ring_bar.at[slot])
             for c in range(chunk):
                 row = rows_ref[q * chunk + c]
-                plgpu.copy_gmem_to_smem(h_ref.at[pl.ds(h_base + row, TILE)],
+                plgpu.copy_gmem_to_smem(h_ref.at[pl.ds(row, TILE)],
                                         b_smem.at[slot, pl.ds(c * TILE, TILE)],
                                         ring_bar.at[slot])
 
@@ -229,11 +215,7 @@ def _step_kernel(plan: _Plan, steps: int, n: int, dtype: Any, stages: int, inter
                     plgpu.barrier_wait(ring_bar.at[slot])
                     plgpu.wgmma(acc, a_smem.at[slot], b_smem.at[slot])
                     plgpu.wgmma_wait(0)
-
-                    @pl.when(q + stages < last)
-                    def _():
-                        fetch(q + stages)
-
+                    pl.when(q + stages < last)(functools.partial(fetch, q + stages))
                     return carry
 
                 jax.lax.fori_loop(ptr_ref[3 * j + g], ptr_ref[3 * j + g + 1], step, 0)
@@ -251,8 +233,7 @@ def _step_kernel(plan: _Plan, steps: int, n: int, dtype: Any, stages: int, inter
         nn = jnp.tanh(x_n + r * (a_n + b_hn))
         out_smem[...] = ((1.0 - z) * nn + z * h).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, TILE)],
-                                h_ref.at[pl.ds(h_base + hq + j * TILE, TILE)])
+        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, TILE)], out_ref.at[feat])
 
         @pl.when(j == 0)
         def _():
@@ -260,16 +241,19 @@ def _step_kernel(plan: _Plan, steps: int, n: int, dtype: Any, stages: int, inter
 
         plgpu.wait_smem_to_gmem(0)
 
-    gmem = pl.BlockSpec(memory_space=plgpu.GMEM)
-    return pl.pallas_call(
+    return plgpu.kernel(
         body,
+        out_type=(jax.ShapeDtypeStruct((hq, n), dtype), jax.ShapeDtypeStruct((1,), jnp.int32)),
+        scratch_types=[
+            plgpu.SMEM((stages, ROWS, k), dtype, transforms=tr),
+            plgpu.SMEM((stages, k, n), dtype, transforms=tr),
+            plgpu.SMEM((5, ROWS, n), dtype, transforms=tr),
+            plgpu.SMEM((ROWS, n), dtype, transforms=tr),
+            plgpu.Barrier(num_arrivals=1 + chunk, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=5),
+        ],
         grid=(nq,),
-        in_specs=[gmem] * 7,
-        out_specs=(gmem, gmem),
-        out_shape=(jax.ShapeDtypeStruct(((steps + 1) * hq, n), dtype),
-                   jax.ShapeDtypeStruct((1,), jnp.int32)),
-        input_output_aliases={1: 0},
-        compiler_params=plgpu.CompilerParams(),
+        grid_names=("j",),
         **({} if interpret is None else {"interpret": interpret}),
     )
 
@@ -325,16 +309,23 @@ def gru_recurrence_mosaic(
     xpt = jnp.pad(xpt, ((0, 0), (0, pad_b), (0, 0), (0, pad_h))).transpose(0, 2, 3, 1)
     xpt = xpt.reshape(steps * 3 * hq, n)
     h0t = jnp.pad(h0.astype(dtype), ((0, pad_b), (0, pad_h))).T
-    hbuf = jnp.zeros(((steps + 1) * hq, n), dtype).at[:hq].set(h0t)
     bhn = jnp.broadcast_to(jnp.asarray(plan.b_hn)[:, None], (hq, n))
-    consts = (bhn, jnp.asarray(plan.wt), jnp.asarray(plan.rows), jnp.asarray(plan.ptr))
-    kernel = _step_kernel(plan, steps, n, dtype, stages, interpret)
+    consts = (xpt, bhn, jnp.asarray(plan.wt), jnp.asarray(plan.rows), jnp.asarray(plan.ptr))
+    kernel = _step_kernel(plan, n, dtype, stages, interpret)
 
-    def step(carry, _):
-        hbuf, cnt = carry
-        return kernel(cnt, hbuf, xpt, *consts), None
+    def steps_of(carry, count):  # `count` launches; their states stacked once
+        states = []
+        for _ in range(count):
+            carry = kernel(carry[1], carry[0], *consts)
+            states.append(carry[0])
+        return carry, jnp.stack(states)
 
-    (hbuf, _), _ = jax.lax.scan(step, (hbuf, jnp.zeros((1,), jnp.int32)), None,
-                                length=steps, unroll=min(unroll, steps))
-    out = hbuf[hq:].reshape(steps, hq, n)[:, :hidden, :batch]
+    unroll = max(1, min(unroll, steps))
+    carry = (h0t, jnp.zeros((1,), jnp.int32))
+    carry, out = jax.lax.scan(lambda c, _: steps_of(c, unroll), carry, None,
+                              length=steps // unroll)
+    out = out.reshape(-1, hq, n)
+    if steps % unroll:
+        out = jnp.concatenate([out, steps_of(carry, steps % unroll)[1]])
+    out = out[:, :hidden, :batch]
     return out.transpose(0, 2, 1)
