@@ -23,10 +23,12 @@ batch is the narrow side (N = batch rounded up to 16, 32 or a multiple of 64):
   (issued first, overlapping the product); the gate math runs on the accumulators in
   registers; h_{t+1}^T rows go back to the state buffer by TMA.
 
-State lives in one buffer hT of shape ((T + 1)·Hq, N), Hq = ceil(H / 16)·16: rows t·Hq ..
-hold h_t^T (h_0 first), aliased from input to output so that each step is exactly one launch;
-the step index comes from a one-element counter that each launch reads and passes on
-incremented. Padding features and batch columns stay finite (zero weights, zero inputs).
+Each launch reads h_t^T (Hq, N), Hq = ceil(H / 16)·16, and writes a fresh h_{t+1}^T (the
+kernel is a `plgpu.kernel`, which has no input/output aliasing; jax 0.11.2 fails the
+deprecated `pallas_call` route for these kernels); the step index comes from a one-element
+counter that each launch reads and passes on incremented; the states of the U launches of a
+scan iteration are stacked once. Padding features and batch columns stay finite (zero
+weights, zero inputs).
 
 `gru_recurrence_mosaic` is the entry point; `unsupported` says, before any launch, why it
 cannot run here (no GPU, not Hopper, dtype, batch, shared memory), or None.
@@ -62,7 +64,7 @@ class _Plan:
     hq: int  # H rounded up to TILE
     chunk: int  # tiles per chunk (C)
     wt: np.ndarray  # (n_chunks, TILE, TILE·C) W^T panels
-    rows: np.ndarray  # (n_chunks·C,) int32 input-feature offset of each tile (padding: 0)
+    rows: np.ndarray  # (n_chunks·C,) int32 input tile row of each tile (padding: 0)
     ptr: np.ndarray  # (3·Hq/TILE + 1,) int32 chunk pointer per (program, gate)
     b_hn: np.ndarray  # (Hq,) recurrent bias of the n gate, zero-padded
 
@@ -112,7 +114,8 @@ def unsupported(weights: Any, batch: int, *, chunk: int = 8, stages: int = 4) ->
         return f"needs float16 or bfloat16 weights (wgmma operands), got {weights.dtype}"
     if not 1 <= batch <= MAX_BATCH:
         return f"batch must be in 1..{MAX_BATCH} (wgmma N), got {batch}"
-    need = smem_bytes(batch, chunk, stages, np.dtype(weights.dtype).itemsize)
+    itemsize = np.dtype(weights.dtype).itemsize
+    need = smem_bytes(batch, _min_chunk(chunk, batch, itemsize), stages, itemsize)
     if need > SMEM_LIMIT:
         return (f"needs {need} bytes of shared memory per program at batch {batch}, more than "
                 f"the {SMEM_LIMIT} a block may use: lower stages or chunk, or split the batch")
@@ -153,7 +156,7 @@ def _plan(weights: Any, chunk: int) -> _Plan:
                 panel = np.zeros((TILE, chunk, TILE), np.float32)
                 panel[:, :part.size] = tiles[j, g, part].transpose(1, 0, 2)
                 panels.append(panel.reshape(TILE, chunk * TILE))
-                rows.append(np.pad(part * TILE, (0, chunk - part.size)))
+                rows.append(np.pad(part, (0, chunk - part.size)))
             ptr.append(len(panels))
     if not panels:  # every tile pruned: one zero chunk keeps the arrays non-empty
         panels, rows = [np.zeros((TILE, chunk * TILE), np.float32)], [np.zeros(chunk, int)]
@@ -162,6 +165,12 @@ def _plan(weights: Any, chunk: int) -> _Plan:
         hq=hq, chunk=chunk, wt=np.stack(panels).astype(dtype),
         rows=np.concatenate(rows).astype(np.int32), ptr=np.asarray(ptr, np.int32),
         b_hn=np.pad(b_hn, (0, hq - hidden)).astype(dtype))
+
+
+def _min_chunk(chunk: int, batch: int, itemsize: int) -> int:
+    """`chunk` raised so that K = 16·chunk holds whole swizzle tiles: wgmma wants one
+    swizzle for both operands, and the narrow side (N) sets it."""
+    return max(chunk, _swizzle(batch_columns(batch), itemsize) // itemsize // TILE)
 
 
 def _mma_transforms(n_cols: int, itemsize: int) -> tuple[Any, ...]:
@@ -190,7 +199,7 @@ def _step_kernel(plan: _Plan, n: int, dtype: Any, stages: int, interpret: Any):
         feat = pl.ds(j * TILE, TILE)
         for g in range(3):
             plgpu.copy_gmem_to_smem(
-                xp_ref.at[pl.ds((t * 3 + g) * hq + j * TILE, TILE)],
+                xp_ref.at[pl.ds(((t * 3 + g) * nq + j) * TILE, TILE)],
                 io_smem.at[g, pl.ds(0, TILE)], io_bar)
         plgpu.copy_gmem_to_smem(h_ref.at[feat], io_smem.at[3, pl.ds(0, TILE)], io_bar)
         plgpu.copy_gmem_to_smem(bhn_ref.at[feat], io_smem.at[4, pl.ds(0, TILE)], io_bar)
@@ -200,7 +209,9 @@ def _step_kernel(plan: _Plan, n: int, dtype: Any, stages: int, interpret: Any):
             plgpu.copy_gmem_to_smem(wt_ref.at[q], a_smem.at[slot, pl.ds(0, TILE)],
                                     ring_bar.at[slot])
             for c in range(chunk):
-                row = rows_ref[q * chunk + c]
+                # offsets written as multiples of TILE: TMA into tiled shared memory
+                # needs them provably aligned
+                row = rows_ref[q * chunk + c] * TILE
                 plgpu.copy_gmem_to_smem(h_ref.at[pl.ds(row, TILE)],
                                         b_smem.at[slot, pl.ds(c * TILE, TILE)],
                                         ring_bar.at[slot])
@@ -276,7 +287,8 @@ def gru_recurrence_mosaic(
         is rebuilt on the host, once per call); float16 or bfloat16.
       h0: (B, H) initial state.
       unroll: `lax.scan` unroll factor of the step loop.
-      chunk: 16×16 tiles per tensor-core product (K = 16·chunk); a power of two <= 16.
+      chunk: 16×16 tiles per tensor-core product (K = 16·chunk); a power of two <= 16,
+        raised where needed to fill the operands' swizzle tile (4 at batch > 32).
       stages: ring slots of chunks in flight per program.
       interpret: Mosaic GPU interpreter parameters (tests on machines without a GPU), or None
         to compile for the GPU.
@@ -296,6 +308,7 @@ def gru_recurrence_mosaic(
         raise ValueError(f"h0 has shape {h0.shape}, expected {(batch, hidden)}")
     if chunk not in (1, 2, 4, 8, 16):
         raise ValueError(f"chunk must be a power of two <= 16, got {chunk}")
+    chunk = _min_chunk(chunk, batch, np.dtype(weights.dtype).itemsize)
     if interpret is None and (reason := unsupported(weights, batch, chunk=chunk,
                                                     stages=stages)):
         raise ValueError(f"gru_recurrence_mosaic cannot run: {reason}")
