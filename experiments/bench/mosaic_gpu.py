@@ -53,7 +53,7 @@ def _jax_methods(args, hidden, batch, variables, weights):
     fns = {}
     for v in args.variants.split(","):
         chunk, stages = (int(p[1:]) for p in v.split("_"))
-        label = "mosaic" if v == args.variants.split(",")[0] else f"mosaic_{v}"
+        label = "mosaic" if v == args.variants.split(",")[0] else f"mosaic_{v}"  # first: ratios
         if (reason := mosaic_gpu.unsupported(weights, batch, chunk=chunk, stages=stages)):
             print(f"  {label}: unsupported: {reason}", flush=True)
             continue
@@ -198,7 +198,7 @@ def main():
     p.add_argument("--block", default="16x16")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--methods", default="pallas,persistent,dense,cudnn")
-    p.add_argument("--variants", default="c8_s4",
+    p.add_argument("--variants", default="c4_s6,c8_s4,c16_s2",
                    help="mosaic chunk/stages variants, cK_sS, the first is 'mosaic'")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
