@@ -367,12 +367,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     writer = report.MetricWriter(workdir, resume_step=start) if primary else _NoWriter()
 
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, task=task),
-        in_shardings=(shardings, sharding.batch_sharded(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
-        static_argnames="update_masks",
-    )
+    step_fns = {  # by whether the step recomputes masks; each compiles when first used
+        update: jax.jit(
+            functools.partial(train_step, model=model, tx=tx, task=task, update_masks=update),
+            in_shardings=(shardings, sharding.batch_sharded(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+        )
+        for update in (False, True)
+    }
     masks_due = methods.mask_update_steps(config)
     batches: Iterator = input_pipeline.train_batches(dataset, config, position)
     sums, count, window_start = None, 0, time.time()
@@ -380,8 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     total=config.num_steps)
     for step in bar:
         batch, position = next(batches)
-        state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh),
-                                      update_masks=bool(masks_due[step]))
+        state, step_metrics = step_fns[bool(masks_due[step])](
+            state, sharding.put_batch(batch, mesh))
         sums = step_metrics if sums is None else jax.tree_util.tree_map(
             jnp.add, sums, step_metrics)
         count += 1
