@@ -24,6 +24,11 @@ One run, from a config (see ``experiments/configs``) into a working directory:
 * **Evaluation** every ``eval_every`` steps on the first eval split and at the end on all:
   loss and bits per character (character LMs), perplexity (word LMs), or CER and WER of
   greedy CTC transcripts (speech).
+* **Sparse training** (``config.prune.sparse_training``, off by default): once the pruning
+  schedule has ended the masks are frozen, and the steps after it run every recurrent layer
+  on its kept blocks only (:mod:`bsrnn.kernels.sparse_training`; same params, masks and
+  checkpoints; the pruned recurrent weights get a zero gradient instead of the
+  straight-through one, which only the global gradient norm sees).
 * **Checkpoints** (orbax ``CheckpointManager``, ``<workdir>/checkpoints``) every
   ``checkpoint_every`` steps and at the end: params, masks, optimizer and schedule state,
   the LM carry, the RNG, the data position and the wall time so far. A run started on a
@@ -63,6 +68,7 @@ from flax import struct, traverse_util
 from tqdm import tqdm
 
 from bsrnn import blocks, ctc, data, input_pipeline, methods, models, pruning, report, sharding
+from bsrnn.kernels import sparse_training
 
 
 class CheckpointError(RuntimeError):
@@ -303,6 +309,21 @@ def _check_recurrent_modules(masks: Any, modules: int) -> None:
                 f"={modules})")
 
 
+def _sparse_training_start(config: ml_collections.ConfigDict) -> int | None:
+    """The first step whose masks are frozen (after the pruning schedule's end step) when
+    ``config.prune.sparse_training`` is on, else ``None``."""
+    if not config.prune.get("sparse_training", False):
+        return None
+    if config.method not in ("wp", "bp", "gl", "glp") or "recurrent" not in (
+            config.prune.layer_types):
+        raise ValueError(
+            "config.prune.sparse_training needs a pruning method (wp, bp, gl, glp) that prunes "
+            f"recurrent kernels; got method {config.method!r}, layer types "
+            f"{tuple(config.prune.layer_types)}."
+        )
+    return methods.schedule_steps(config)["end"] + 1
+
+
 def _sparsity_scalars(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {f"sparsity/{name}": entry["sparsity"] for name, entry in layers.items()}
 
@@ -377,16 +398,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     writer = report.MetricWriter(workdir, resume_step=start) if primary else _NoWriter()
 
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, task=task),
-        in_shardings=(shardings, sharding.batch_sharded(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
-    )
+    def jitted_step(model: Any) -> Any:
+        return jax.jit(
+            functools.partial(train_step, model=model, tx=tx, task=task),
+            in_shardings=(shardings, sharding.batch_sharded(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+        )
+
+    step_fn = jitted_step(model)
+    sparse_from = _sparse_training_start(config)
     batches: Iterator = input_pipeline.train_batches(dataset, config, position)
     sums, count, window_start = None, 0, time.time()
     bar = _progress(range(start, config.num_steps), "train", initial=start,
                     total=config.num_steps)
     for step in bar:
+        if sparse_from is not None and step == max(sparse_from, start):
+            block_shape = (1, 1) if config.method == "wp" else config.prune.block_shape.recurrent
+            frozen = sparse_training.freeze(state.masks, tuple(block_shape))
+            logging.info("Masks frozen: steps from %d run the recurrences on their kept blocks.",
+                         step)
+            step_fn = jitted_step(model.clone(frozen_recurrent=frozen))
         batch, position = next(batches)
         state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh))
         sums = step_metrics if sums is None else jax.tree_util.tree_map(
