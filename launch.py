@@ -15,6 +15,8 @@ from bsrnn import launcher
 
 config_flags.DEFINE_config_file("config", None, f"Config file; default {launcher.DEFAULT_CONFIG}.")
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and report.json go here.", required=True)
+flags.DEFINE_list("allow_changes", [], "Resume with these config keys changed (e.g. "
+                  "optimizer.learning_rate); see bsrnn/workdir.py.")
 flags.DEFINE_string("sweep", None, "Sweep file (experiments/sweeps): one sub-workdir per member.")
 flags.DEFINE_integer("sweep_workers", 1, "Sweep members run at once, one process each.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")

@@ -91,6 +91,12 @@ class MaskedDense(nn.Module):
                 "model.apply({'params': params, 'masks': masks}, ...)."
             )
         self.mask = self.variable("masks", "kernel", self._initial_mask, shape)
+        if tuple(self.mask.value.shape) != shape:
+            raise ValueError(
+                f"the mask of {'/'.join(self.path)} has shape {tuple(self.mask.value.shape)} but "
+                f"its kernel is {shape}: pass the masks that model.init made for a model of "
+                "these sizes."
+            )
 
     def _initial_mask(self, shape: tuple[int, int]) -> jax.Array:
         if self.mask_init is None:

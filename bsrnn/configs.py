@@ -64,7 +64,19 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         if key not in defaults:
             raise ValueError(f"config arg {token!r}: unknown key {key!r}; known: {list(defaults)}.")
         kind = type(defaults[key])
-        result[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        if kind is bool:
+            if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"config arg {token!r}: {key} takes true or false, got "
+                                 f"{value!r}.")
+            result[key] = value.lower() in ("1", "true", "yes")
+            continue
+        try:
+            result[key] = kind(value)
+        except ValueError:
+            raise ValueError(
+                f"config arg {token!r}: {key} takes {kind.__name__} values (default "
+                f"{defaults[key]!r}), got {value!r}."
+            ) from None
     return result
 
 

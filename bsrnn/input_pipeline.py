@@ -169,5 +169,15 @@ def _pad_rows(batch: Batch, rows: int) -> Batch:
 
 
 def example_batch(dataset: Data, config: ml_collections.ConfigDict) -> Any:
-    """A first training batch, for shapes at initialisation."""
-    return next(train_batches(dataset, config))[0]
+    """A first training batch, for shapes at initialisation.
+
+    Raises:
+      ValueError: the train split makes no batch of ``config.batch_size`` (by
+        ``config.seq_len`` for language models), with both named.
+    """
+    try:
+        return next(train_batches(dataset, config))[0]
+    except ValueError as e:
+        keys = "config.batch_size" + (" or config.seq_len" if dataset.task == "lm" else "")
+        raise ValueError(f"config.batch_size={config.batch_size}: the train split is too small "
+                         f"for it ({e}); lower {keys}.") from e

@@ -40,13 +40,15 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from bsrnn import report, sharding, train
+from bsrnn import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(REPO / "experiments" / "configs" / "shakespeare_gru.py")
 LAUNCH = REPO / "launch.py"
 
 # Errors whose message tells the user what to do: printed without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, train.CheckpointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, train.CheckpointError,
+               workdir_lib.WorkdirError)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -113,7 +115,8 @@ def main(parsed: flags.FlagValues) -> None:
             if failed:
                 sys.exit(f"launch.py: {failed} sweep member(s) failed; see the summary above.")
         else:
-            train.train_and_evaluate(config, parsed.workdir)
+            train.train_and_evaluate(config, parsed.workdir,
+                                     allow_changes=parsed.allow_changes or ())
     except USER_ERRORS as e:
         sys.exit(f"launch.py: error: {e}")
 
@@ -195,8 +198,7 @@ def run_sweep(
     Returns:
       The number of failed members.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir_lib.prepare(workdir)
     members = []
     for i, overrides in enumerate(load_sweep(sweep)):
         members.append({"name": member_name(i, overrides), "overrides": overrides,

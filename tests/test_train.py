@@ -1,6 +1,6 @@
 """The trainer on a tiny text corpus: it learns, prunes to the scheduled sparsity, reports
-what an independent count finds, resumes bit for bit, survives a kill during a save, and
-stops cleanly on a damaged checkpoint or a non-finite loss."""
+what an independent count finds, resumes bit for bit, survives a kill during a save, falls
+back from a damaged checkpoint to the previous one, and stops cleanly on a non-finite loss."""
 
 import json
 import math
@@ -131,17 +131,49 @@ def test_a_kill_during_a_save_keeps_the_last_checkpoint(
     assert records(tmp_path) == records(reference_dir)
 
 
-def test_a_damaged_checkpoint_says_what_to_do(tiny_text, tmp_path, uninterrupted):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+    tiny_text, tmp_path, uninterrupted
+):
+    reference_dir, reference = uninterrupted
+    shutil.copytree(reference_dir / "checkpoints", tmp_path / "checkpoints")
+    shutil.copy(reference_dir / "config.json", tmp_path / "config.json")
+    # 64 flipped bytes inside the largest data file of the newest checkpoint (step 12).
+    data_files = [f for f in (tmp_path / "checkpoints" / "12" / "state").rglob("*")
+                  if f.is_file() and "/d/" in str(f)]
+    victim = max(data_files, key=lambda f: f.stat().st_size)
+    damaged = bytearray(victim.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle - 32 : middle + 32] = bytes(b ^ 0xFF for b in damaged[middle - 32 : middle + 32])
+    victim.write_bytes(bytes(damaged))
+    state = train.train_and_evaluate(tiny_lm_config(tiny_text), tmp_path)
+    # Resumed from step 8 and retrained steps 9-12: the same numbers as the reference.
+    for a, b in zip(flat(reference.params).values(), flat(state.params).values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    report = json.loads((tmp_path / "report.json").read_text())
+    (skipped,) = report["skipped_checkpoints"]
+    assert skipped["checkpoint"] == 12 and skipped["step"] == 8
+    relative = str(victim.relative_to(tmp_path / "checkpoints" / "12"))
+    assert skipped["problems"] == [f"{relative} changed since it was written"]
+    # Not deleted: set aside with its flipped bytes, and a fresh step 12 written.
+    moved = tmp_path / "damaged_checkpoints" / "12"
+    assert skipped["moved_to"] == str(moved)
+    assert (moved / relative).read_bytes() == bytes(damaged)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["12", "8"]
+
+
+def test_every_checkpoint_damaged_is_refused_then_starts_afresh(tiny_text, tmp_path,
+                                                                uninterrupted):
     reference_dir, _ = uninterrupted
     shutil.copytree(reference_dir / "checkpoints", tmp_path / "checkpoints")
-    newest = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
-    for f in (tmp_path / "checkpoints" / str(newest) / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 0:
-            f.write_bytes(b"\0" * 7)
-    with pytest.raises(train.CheckpointError, match=rf"step {newest}.*damaged.*delete"):
+    for step in ("8", "12"):
+        for f in (tmp_path / "checkpoints" / step / "state").rglob("*"):
+            if f.is_file() and f.stat().st_size > 0:
+                f.write_bytes(b"\0" * 7)
+    with pytest.raises(train.CheckpointError, match=r"every checkpoint in .* is damaged: "
+                       r"step 12 \(now in .*damaged_checkpoints/12\), step 8 .*moved aside, not "
+                       r"deleted.*start from step 0"):
         train.train_and_evaluate(tiny_lm_config(tiny_text), tmp_path)
-    # Doing what it says resumes from the previous checkpoint.
-    shutil.rmtree(tmp_path / "checkpoints" / str(newest))
+    assert sorted(p.name for p in (tmp_path / "damaged_checkpoints").iterdir()) == ["12", "8"]
     state = train.train_and_evaluate(tiny_lm_config(tiny_text), tmp_path)
     assert int(state.step) == 12
 

@@ -20,6 +20,9 @@ from bsrnn.data.vocab import Vocabulary, build_vocabulary
 
 BLANK = "<blank>"
 MFC_DIM = 13
+# |value| above which a .mfc file holds no cepstra (AN4's lie within ±20): such a file would
+# dominate the normalisation statistics and leave every other utterance flat.
+MFC_LIMIT = 1e4
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -61,6 +64,10 @@ def read_mfc(path: str | Path) -> np.ndarray:
 
     Returns:
       (N / 13, 13) float32: frames of cepstra c0..c12.
+
+    Raises:
+      ValueError: naming the file, if its size does not fit its header, it has no frames,
+        or it holds a non-finite value or one beyond :data:`MFC_LIMIT`.
     """
     path = existing_file(path, "a Sphinx .mfc feature file")
     data = path.read_bytes()
@@ -74,7 +81,21 @@ def read_mfc(path: str | Path) -> np.ndarray:
             f"{len(data)} bytes; expected {expected}, N a multiple of {MFC_DIM}. The file is "
             "truncated, corrupt or little-endian; copy it again from the AN4 distribution."
         )
-    return np.frombuffer(data, ">f4", offset=4).astype(np.float32).reshape(-1, MFC_DIM)
+    if count == 0:
+        raise ValueError(f"{path}: header says N=0 floats, an utterance of no frames; expected "
+                         f"{expected}. Copy it again from the AN4 distribution or drop it.")
+    frames = np.frombuffer(data, ">f4", offset=4).astype(np.float32).reshape(-1, MFC_DIM)
+    bad = ~np.isfinite(frames) | (np.abs(frames) > MFC_LIMIT)
+    if bad.any():
+        frame, dim = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{path}: {int(bad.sum())} of {frames.size} values are not cepstra (non-finite or "
+            f"beyond ±{MFC_LIMIT:g}; first: {float(frames[frame, dim]):.4g} at frame {frame}, "
+            f"c{dim}). "
+            "AN4's cepstra lie within ±20. The file is corrupt or not Sphinx features; copy it "
+            "again from the AN4 distribution."
+        )
+    return frames
 
 
 def _lines(path: Path) -> list[str]:

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bsrnn import cells
+from bsrnn import cells, models
 
 
 def clipped_relu(x: jax.Array) -> jax.Array:
@@ -111,6 +111,16 @@ class Model(nn.Module):
     recurrent_modules: int = 1
     frozen_recurrent: Any = None
     unroll: int = 1
+
+    def __post_init__(self) -> None:
+        models.check_sizes(
+            "ds2", positive=dict(
+                num_classes=self.num_classes, features=self.features, num_layers=self.num_layers,
+                fc_features=self.fc_features, recurrent_modules=self.recurrent_modules,
+                unroll=self.unroll, conv_features=self.conv_features,
+                conv_kernels=self.conv_kernels, conv_strides=self.conv_strides),
+            non_negative=dict(row_conv_context=self.row_conv_context))
+        super().__post_init__()
 
     def output_lengths(self, lengths: jax.Array) -> jax.Array:
         """(B,) input frames -> (B,) output frames (the CTC logit lengths)."""

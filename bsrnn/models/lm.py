@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bsrnn import cells
+from bsrnn import cells, models
 
 Carry = tuple[Any, ...]  # one carry per layer: h (B, H), or (h, c) for the LSTM
 
@@ -65,6 +65,15 @@ class Model(nn.Module):
     recurrent_modules: int = 1
     frozen_recurrent: Any = None
     unroll: int = 1
+
+    def __post_init__(self) -> None:
+        models.check_sizes("lm", positive=dict(
+            vocab_size=self.vocab_size, features=self.features, num_layers=self.num_layers,
+            embed_dim=self.embed_dim, recurrent_modules=self.recurrent_modules,
+            unroll=self.unroll))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"config.model.dropout={self.dropout!r} must be in [0, 1).")
+        super().__post_init__()
 
     def initial_carry(self, batch_size: int) -> Carry:
         """Zero carries for a batch of ``batch_size`` rows."""
