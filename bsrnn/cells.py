@@ -23,7 +23,7 @@ Cell equations (PyTorch/cuDNN formulation; x_t the input, h the state):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -130,7 +130,11 @@ def recurrent_product(h: jax.Array, w_h: jax.Array) -> jax.Array:
     Dense: h (B, H) @ w_h (H, gates·H) -> (B, gates·H). Block-diagonal (P3's G modules): h
     (G, B, H/G), w_h (G, H/G, gates·H/G) -> (G, B, gates·H/G), G independent products, one
     per module (a batched einsum: H²·gates/G multiply-adds per row instead of H²·gates).
+    Block-sparse (a frozen layer's :class:`bsrnn.kernels.sparse_training.SparseRecurrentKernel`):
+    h (B, H) -> (B, gates·H) on the kept blocks only.
     """
+    if not isinstance(w_h, jax.Array):  # a frozen layer's block-sparse kernel
+        return h @ w_h
     if w_h.ndim == 2:
         return jnp.dot(h, w_h)
     return jnp.einsum("kbi,kic->kbc", h, w_h)
@@ -213,6 +217,10 @@ class RecurrentLayer(nn.Module):
       input_mask_init: the same for the input gate kernels (D, H).
       recurrent_modules: P3's G, static; it must divide H. 1: the dense recurrent product
         (a block-diagonal mask then only zeroes weights).
+      frozen_recurrent: frozen block structures by layer path
+        (:func:`bsrnn.kernels.sparse_training.freeze`); when it holds this layer's path, the
+        recurrent product runs on the kept blocks only, forward and backward (sparse training
+        once masks freeze; pruned entries then get a zero gradient, as with G > 1).
       unroll: ``lax.scan`` unroll factor (per-step loop overhead dominates on GPUs).
       dtype: computation dtype (``None``: float32 params' dtype).
     """
@@ -223,6 +231,7 @@ class RecurrentLayer(nn.Module):
     recurrent_mask_init: MaskInit | None = None
     input_mask_init: MaskInit | None = None
     recurrent_modules: int = 1
+    frozen_recurrent: Mapping[str, Any] | None = None
     unroll: int = 1
     dtype: Any = None
 
@@ -264,7 +273,10 @@ class RecurrentLayer(nn.Module):
         w_i = jnp.concatenate([k for k, _ in inputs], axis=1)
         b_i = jnp.concatenate([b for _, b in inputs])
         b_h = jnp.concatenate([b for _, b in recurrents])
-        if modules == 1:
+        frozen = self._frozen_recurrent_kernel(recurrent_layers)
+        if frozen is not None:
+            w_h = frozen
+        elif modules == 1:
             w_h = jnp.concatenate([k for k, _ in recurrents], axis=1)
         else:
             w_h = self._block_diagonal_kernel(recurrent_layers, [k for k, _ in recurrents])
@@ -305,6 +317,30 @@ class RecurrentLayer(nn.Module):
                 outputs, lengths
             )
         return outputs, carry
+
+    def _frozen_recurrent_kernel(self, layers: list[MaskedDense]) -> Any:
+        """This layer's :class:`bsrnn.kernels.sparse_training.SparseRecurrentKernel` when
+        ``frozen_recurrent`` holds its path, else ``None``."""
+        if self.frozen_recurrent is None:
+            return None
+        from bsrnn.kernels import sparse_training  # bsrnn.kernels imports this module
+
+        name = "/".join(self.path)
+        frozen = sparse_training.frozen_for(self.frozen_recurrent, self.path)
+        if frozen is None:
+            return None
+        if self.recurrent_modules > 1 or frozen.gates != GATES[self.cell] or (
+                frozen.hidden != self.features):
+            raise ValueError(
+                f"{name}: frozen_recurrent's entry is for {frozen.gates} gates of "
+                f"{frozen.hidden} units, the layer has {GATES[self.cell]} of {self.features}"
+                f"{' and recurrent_modules > 1' if self.recurrent_modules > 1 else ''}; "
+                "freeze the masks of this model (with recurrent_modules=1)."
+            )
+        kernels = [layer.kernel if self.dtype is None else layer.kernel.astype(self.dtype)
+                   for layer in layers]
+        return sparse_training.recurrent_kernel(
+            frozen, kernels, [layer.mask.value for layer in layers], name)
 
     def _recurrent_mask_init(self) -> MaskInit | None:
         """``recurrent_mask_init``, defaulting to (and, for G > 1, checked to be within)
@@ -363,8 +399,8 @@ class RNN(nn.Module):
     whose outputs are concatenated, so the next layer sees 2H features).
 
     Attributes:
-      cell, features, recurrent_mask_init, input_mask_init, recurrent_modules, unroll,
-        dtype: as in :class:`RecurrentLayer`, shared by every layer.
+      cell, features, recurrent_mask_init, input_mask_init, recurrent_modules,
+        frozen_recurrent, unroll, dtype: as in :class:`RecurrentLayer`, shared by every layer.
       num_layers: depth.
       bidirectional: run a forward and a backward layer at each depth.
     """
@@ -376,6 +412,7 @@ class RNN(nn.Module):
     recurrent_mask_init: MaskInit | None = None
     input_mask_init: MaskInit | None = None
     recurrent_modules: int = 1
+    frozen_recurrent: Mapping[str, Any] | None = None
     unroll: int = 1
     dtype: Any = None
 
@@ -388,6 +425,7 @@ class RNN(nn.Module):
             recurrent_mask_init=self.recurrent_mask_init,
             input_mask_init=self.input_mask_init,
             recurrent_modules=self.recurrent_modules,
+            frozen_recurrent=self.frozen_recurrent,
             unroll=self.unroll,
             dtype=self.dtype,
         )

@@ -119,7 +119,8 @@ def pruning(
     percentile |w| of a trained dense model per layer type, which a dense run's
     ``report.json`` lists under ``weight_percentile_90``). GL and GLP have their own λ_g
     (P1: GL needs a large one, GLP a small one). ``structure.num_modules`` is P3's G, used
-    by the ``structural`` method only.
+    by the ``structural`` method only. ``prune.sparse_training`` runs the recurrences on their
+    kept blocks once the schedule has ended (:mod:`bsrnn.train`; off until it pays).
     """
     prune = ml_collections.ConfigDict(dict(
         layer_types=LAYER_TYPES,
@@ -134,6 +135,7 @@ def pruning(
         block_shape=per_type(tuple(block_shape)),
         reduction=per_type(reduction),
         mode="hard",
+        sparse_training=False,
     ))
     group_lasso = ml_collections.ConfigDict(dict(
         glp_strength=per_type(glp_strength), gl_strength=per_type(gl_strength),

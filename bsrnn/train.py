@@ -24,6 +24,11 @@ One run, from a config (see ``experiments/configs``) into a working directory:
 * **Evaluation** every ``eval_every`` steps on the first eval split and at the end on all:
   loss and bits per character (character LMs), perplexity (word LMs), or CER and WER of
   greedy CTC transcripts (speech).
+* **Sparse training** (``config.prune.sparse_training``, off by default): once the pruning
+  schedule has ended the masks are frozen, and the steps after it run every recurrent layer
+  on its kept blocks only (:mod:`bsrnn.kernels.sparse_training`; same params, masks and
+  checkpoints; the pruned recurrent weights get a zero gradient instead of the
+  straight-through one, which only the global gradient norm sees).
 * **Checkpoints** (orbax ``CheckpointManager``, ``<workdir>/checkpoints``) every
   ``checkpoint_every`` steps and at the end: params, masks, optimizer and schedule state,
   the LM carry, the RNG, the data position and the wall time so far, with the sha256 of
@@ -82,6 +87,7 @@ from tqdm import tqdm
 
 from bsrnn import blocks, ctc, data, input_pipeline, methods, models, pruning, report, sharding
 from bsrnn import workdir as workdir_lib
+from bsrnn.kernels import sparse_training
 
 DIVERGENCE_FACTOR = 2.0  # a training loss this many times the first step's: diverging
 RISING_EVALS = 3  # evaluation losses rising this many times in a row: a warning
@@ -487,6 +493,21 @@ def _check_recurrent_modules(masks: Any, modules: int) -> None:
                 f"={modules})")
 
 
+def _sparse_training_start(config: ml_collections.ConfigDict) -> int | None:
+    """The first step whose masks are frozen (after the pruning schedule's end step) when
+    ``config.prune.sparse_training`` is on, else ``None``."""
+    if not config.prune.get("sparse_training", False):
+        return None
+    if config.method not in ("wp", "bp", "gl", "glp") or "recurrent" not in (
+            config.prune.layer_types):
+        raise ValueError(
+            "config.prune.sparse_training needs a pruning method (wp, bp, gl, glp) that prunes "
+            f"recurrent kernels; got method {config.method!r}, layer types "
+            f"{tuple(config.prune.layer_types)}."
+        )
+    return methods.schedule_steps(config)["end"] + 1
+
+
 def _sparsity_scalars(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {f"sparsity/{name}": entry["sparsity"] for name, entry in layers.items()}
 
@@ -616,20 +637,31 @@ def _train_and_evaluate(
     watch = _DivergenceWatch(events, initial_loss,
                              _records(workdir / "metrics.jsonl") if primary else [])
 
-    step_fns = {  # by whether the step recomputes masks; each compiles when first used
-        update: jax.jit(
-            functools.partial(train_step, model=model, tx=tx, task=task, update_masks=update),
-            in_shardings=(shardings, sharding.batch_sharded(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
-        )
-        for update in (False, True)
-    }
+    def jitted_steps(model: Any) -> dict[bool, Any]:
+        return {  # by whether the step recomputes masks; each compiles when first used
+            update: jax.jit(
+                functools.partial(train_step, model=model, tx=tx, task=task,
+                                  update_masks=update),
+                in_shardings=(shardings, sharding.batch_sharded(mesh)),
+                out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+            )
+            for update in (False, True)
+        }
+
+    step_fns = jitted_steps(model)
     masks_due = methods.mask_update_steps(config)
+    sparse_from = _sparse_training_start(config)
     batches: Iterator = input_pipeline.train_batches(dataset, config, position)
     sums, count, window_start = None, 0, time.time()
     bar = _progress(range(start, config.num_steps), "train", initial=start,
                     total=config.num_steps)
     for step in bar:
+        if sparse_from is not None and step == max(sparse_from, start):
+            block_shape = (1, 1) if config.method == "wp" else config.prune.block_shape.recurrent
+            frozen = sparse_training.freeze(state.masks, tuple(block_shape))
+            logging.info("Masks frozen: steps from %d run the recurrences on their kept blocks.",
+                         step)
+            step_fns = jitted_steps(model.clone(frozen_recurrent=frozen))
         batch, position = next(batches)
         state, step_metrics = step_fns[bool(masks_due[step])](
             state, sharding.put_batch(batch, mesh))

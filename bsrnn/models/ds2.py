@@ -25,6 +25,7 @@ batch equals frame t of the example run alone. A stride s maps n frames to ceil(
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -89,6 +90,9 @@ class Model(nn.Module):
         kernel with a mask (else a plain ``nn.Dense``).
       recurrent_modules: P3's G for every recurrent kernel (block-diagonal, run as G
         independent products: :class:`bsrnn.cells.RecurrentLayer`).
+      frozen_recurrent: frozen block structures of the recurrent layers, by path
+        (:func:`bsrnn.kernels.sparse_training.freeze`; ``bsrnn.train`` sets it once masks
+        freeze with ``config.prune.sparse_training``).
       unroll: ``lax.scan`` unroll factor.
     """
 
@@ -105,6 +109,7 @@ class Model(nn.Module):
     mask_fc: bool = True
     mask_output: bool = True
     recurrent_modules: int = 1
+    frozen_recurrent: Any = None
     unroll: int = 1
 
     def __post_init__(self) -> None:
@@ -158,7 +163,8 @@ class Model(nn.Module):
         x = x.reshape(x.shape[0], x.shape[1], -1)  # (B, T', F'·C)
         x = cells.RNN(
             self.cell, self.features, self.num_layers, self.bidirectional,
-            recurrent_modules=self.recurrent_modules, unroll=self.unroll, name="rnn",
+            recurrent_modules=self.recurrent_modules, frozen_recurrent=self.frozen_recurrent,
+            unroll=self.unroll, name="rnn",
         )(x, lengths)
         if self.row_conv_context > 0:
             x = _zero_padding(RowConv(self.row_conv_context, name="row_conv")(x), lengths)

@@ -48,6 +48,9 @@ class Model(nn.Module):
       mask_output: the softmax layer is a prunable ``fc`` kernel with a mask.
       recurrent_modules: P3's G: every recurrent kernel is block-diagonal with G modules,
         run as G independent products (:class:`bsrnn.cells.RecurrentLayer`).
+      frozen_recurrent: frozen block structures of the recurrent layers, by path
+        (:func:`bsrnn.kernels.sparse_training.freeze`; ``bsrnn.train`` sets it once masks
+        freeze with ``config.prune.sparse_training``).
       unroll: ``lax.scan`` unroll factor.
     """
 
@@ -60,6 +63,7 @@ class Model(nn.Module):
     tie_embeddings: bool = False
     mask_output: bool = True
     recurrent_modules: int = 1
+    frozen_recurrent: Any = None
     unroll: int = 1
 
     def __post_init__(self) -> None:
@@ -101,6 +105,7 @@ class Model(nn.Module):
         for i in range(self.num_layers):
             layer = cells.RecurrentLayer(
                 self.cell, self.features, recurrent_modules=self.recurrent_modules,
+                frozen_recurrent=self.frozen_recurrent,
                 unroll=self.unroll, name=f"layer_{i}",
             )
             x, c = layer(x, None, initial_carry=carry[i])

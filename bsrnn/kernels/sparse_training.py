@@ -1,0 +1,257 @@
+"""Sparse training once learned masks freeze: the recurrent product of a block-pruned layer
+on its kept blocks only, forward and backward.
+
+After a pruning schedule's end step the masks no longer change (P1 freezes at about 40% of
+training), so the block structure of every recurrent kernel is fixed and the rest of
+training can run on it. :func:`freeze` reads the structure off the masks on the host, once;
+:class:`bsrnn.cells.RecurrentLayer` given it (``frozen_recurrent=``) computes each step's
+h @ W_h with W_h block-sparse (BSC, :mod:`bsrnn.kernels.bsc`), gates side by side:
+
+* forward: ``bsc_matmul_xla(h, W_h)``;
+* backward (a custom VJP): dh = dy @ W_hᵀ, again a block-sparse product, with W_hᵀ stored as
+  BSC too (the same blocks transposed, ordered by W_h's block rows, so its sum over blocks
+  is a sorted segment sum, no scatter); the weight gradient only for the kept blocks,
+  dW_k = h[:, rows of k]ᵀ @ dy[:, cols of k], shape (nnzb, bh, bw).
+
+The params stay the dense kernels (same params, masks and checkpoints as the masked dense
+layer): each call gathers the kept blocks from them, and the gather's gradient scatters the
+block gradients back, so a pruned entry gets a zero gradient (not :func:`bsrnn.cells.
+apply_mask`'s straight-through one; with hard pruning or ``keep_masked`` its update is zero
+either way). Each gate's kernel is tiled on its own, padded to whole blocks (gate q holds
+block columns q·ceil(H/bw) ...), so partial edge blocks (H not a multiple of bh or bw) work.
+
+A frozen layer checks its masks in the graph: masks that differ from the frozen structure
+turn its outputs to NaN, never into a silently wrong product.
+
+    frozen = freeze(masks, (16, 16))                    # on the host, after the end step
+    fast = model.clone(frozen_recurrent=frozen)         # same params and masks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import FrozenDict
+
+from bsrnn import blocks, cells
+from bsrnn.kernels.bsc import BlockSparseMatrix, block_keep
+from bsrnn.kernels.xla import bsc_matmul_xla
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenBlocks:
+    """The fixed block structure of one layer's fused recurrent kernel (H, gates·H).
+
+    Hashed by identity (it is a static argument of the custom VJP).
+
+    Attributes:
+      hidden: H.
+      gates: the gate names, in the order of :data:`bsrnn.cells.GATES`.
+      block_shape: (bh, bw).
+      keep: (gates, ceil(H/bh), ceil(H/bw)) bool, the kept blocks of each gate's kernel.
+      row_indices, col_ptr: BSC of the fused kernel (H, gates·Hp), Hp = ceil(H/bw)·bw:
+        (nnzb,) block rows and (gates·ceil(H/bw) + 1,) column pointers (int32).
+      col_ids: (nnzb,) int32 block column of each stored block.
+      t_order: (nnzb,) int32, the stored blocks in the order of the transposed kernel's BSC
+        (by block row of W_h, then block column).
+      t_col_ptr: (ceil(H/bh) + 1,) int32 column pointers of W_hᵀ.
+    """
+
+    hidden: int
+    gates: tuple[str, ...]
+    block_shape: tuple[int, int]
+    keep: np.ndarray = dataclasses.field(repr=False)
+    row_indices: np.ndarray = dataclasses.field(repr=False)
+    col_ptr: np.ndarray = dataclasses.field(repr=False)
+    col_ids: np.ndarray = dataclasses.field(repr=False)
+    t_order: np.ndarray = dataclasses.field(repr=False)
+    t_col_ptr: np.ndarray = dataclasses.field(repr=False)
+
+    @property
+    def nnzb(self) -> int:
+        """Number of kept blocks over all gates."""
+        return int(self.row_indices.size)
+
+    @property
+    def padded(self) -> int:
+        """Hp = ceil(H / bw)·bw, the padded width of each gate in the fused kernel."""
+        return self.keep.shape[2] * self.block_shape[1]
+
+    @classmethod
+    def from_masks(cls, masks: Sequence[Any], gates: Sequence[str],
+                   block_shape: tuple[int, int]) -> FrozenBlocks:
+        """The structure of the (H, H) masks of a layer's gates (concrete, block-structured
+        for ``block_shape``; ``ValueError`` otherwise)."""
+        hidden = int(np.shape(masks[0])[0])
+        if any(np.shape(m) != (hidden, hidden) for m in masks):
+            raise ValueError(f"recurrent masks must be (H, H), got {[np.shape(m) for m in masks]}.")
+        keep = np.stack([block_keep(np.asarray(m, bool), block_shape) for m in masks])
+        fused = np.concatenate(list(keep), axis=1)  # (nbr, gates·nbc)
+        col_ids, row_indices = np.nonzero(fused.T)  # BSC order: by column, then row
+        col_ptr = np.concatenate([[0], np.cumsum(fused.sum(axis=0))])
+        t_order = np.lexsort((col_ids, row_indices))  # by row, then column
+        t_col_ptr = np.concatenate([[0], np.cumsum(fused.sum(axis=1))])
+        as_int = functools.partial(np.asarray, dtype=np.int32)
+        return cls(hidden, tuple(gates), tuple(block_shape), keep,
+                   as_int(row_indices), as_int(col_ptr), as_int(col_ids), as_int(t_order),
+                   as_int(t_col_ptr))
+
+
+def freeze(masks: Any, block_shape: tuple[int, int]) -> FrozenDict[str, FrozenBlocks]:
+    """The frozen structure of every :class:`bsrnn.cells.RecurrentLayer` in a masks tree.
+
+    Args:
+      masks: a model's ``masks`` collection (concrete: numpy or device arrays).
+      block_shape: (bh, bw) the recurrent masks were pruned with.
+
+    Returns:
+      ``{layer path ("layer_0", "rnn/layer_1_fwd", ...): FrozenBlocks}``, for the models'
+      ``frozen_recurrent`` attribute (a hashable mapping, as Flax module attributes are).
+    """
+    by_layer: dict[tuple[str, ...], dict[str, Any]] = {}
+    for path, mask in traverse_util.flatten_dict(jax.device_get(masks)).items():
+        if len(path) >= 2 and path[-1] == "kernel" and path[-2].startswith("recurrent_"):
+            by_layer.setdefault(path[:-2], {})[path[-2].removeprefix("recurrent_")] = mask
+    frozen = {}
+    for layer, gate_masks in by_layer.items():
+        gates = next((g for g in cells.GATES.values() if set(g) == set(gate_masks)), None)
+        if gates is None:
+            raise ValueError(f"{'/'.join(layer)} has recurrent gates {sorted(gate_masks)}, "
+                             f"not those of a cell in {cells.GATES}.")
+        frozen["/".join(layer)] = FrozenBlocks.from_masks(
+            [gate_masks[g] for g in gates], gates, block_shape)
+    return FrozenDict(frozen)
+
+
+def _matrix(blocks_: FrozenBlocks, values: jax.Array) -> BlockSparseMatrix:
+    """W_h (H, gates·Hp) as a BlockSparseMatrix of ``values`` (nnzb, bh, bw)."""
+    return BlockSparseMatrix(values, blocks_.row_indices, blocks_.col_ptr,
+                             (blocks_.hidden, len(blocks_.gates) * blocks_.padded),
+                             blocks_.block_shape)
+
+
+def _transposed(blocks_: FrozenBlocks, values: jax.Array) -> BlockSparseMatrix:
+    """W_hᵀ (gates·Hp, H), blocks (bw, bh)."""
+    bh, bw = blocks_.block_shape
+    return BlockSparseMatrix(jnp.swapaxes(values[blocks_.t_order], 1, 2),
+                             blocks_.col_ids[blocks_.t_order], blocks_.t_col_ptr,
+                             (len(blocks_.gates) * blocks_.padded, blocks_.hidden), (bw, bh))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def block_sparse_matmul(blocks_: FrozenBlocks, h: jax.Array, values: jax.Array) -> jax.Array:
+    """y = h @ W_h on the kept blocks.
+
+    Args:
+      blocks_: the frozen structure.
+      h: (B, H).
+      values: (nnzb, bh, bw), the kept blocks (:func:`gather_blocks`).
+
+    Returns:
+      (B, gates·Hp), gate q in columns q·Hp to q·Hp + H (the rest zero).
+    """
+    return bsc_matmul_xla(h, _matrix(blocks_, values))
+
+
+def _matmul_fwd(blocks_, h, values):
+    return block_sparse_matmul(blocks_, h, values), (h, values)
+
+
+def _matmul_bwd(blocks_, residuals, dy):
+    h, values = residuals
+    (bh, bw), nbr = blocks_.block_shape, blocks_.keep.shape[1]
+    dh = bsc_matmul_xla(dy, _transposed(blocks_, values)).astype(h.dtype)
+    hb = jnp.pad(h, ((0, 0), (0, nbr * bh - h.shape[1]))).reshape(h.shape[0], nbr, bh)
+    dyb = dy.reshape(dy.shape[0], -1, bw)
+    h_rows = jnp.take(hb, blocks_.row_indices, axis=1)  # (B, nnzb, bh)
+    dy_cols = jnp.take(dyb, blocks_.col_ids, axis=1)  # (B, nnzb, bw)
+    dvalues = jnp.einsum("nkb,nkc->kbc", h_rows, dy_cols,
+                         precision=jax.lax.Precision.HIGHEST).astype(values.dtype)
+    return dh, dvalues
+
+
+block_sparse_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def gather_blocks(blocks_: FrozenBlocks, kernels: Sequence[jax.Array]) -> jax.Array:
+    """The kept blocks (nnzb, bh, bw) of the gates' dense (H, H) kernels, in BSC order;
+    entries of partial edge blocks outside the kernel are zero. Differentiable."""
+    (bh, bw), (_, nbr, nbc) = blocks_.block_shape, blocks_.keep.shape
+    h = blocks_.hidden
+    tiles = jnp.stack([
+        jnp.pad(k, ((0, nbr * bh - h), (0, nbc * bw - h))).reshape(nbr, bh, nbc, bw)
+        for k in kernels
+    ])  # (gates, nbr, bh, nbc, bw)
+    gate, col = np.divmod(blocks_.col_ids, nbc)
+    return tiles[gate, blocks_.row_indices, :, col, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SparseRecurrentKernel:
+    """A frozen layer's recurrent kernel: ``h @ kernel`` is :func:`block_sparse_matmul`,
+    (B, H) -> (B, gates·H), as :func:`bsrnn.cells.recurrent_product` expects.
+
+    Attributes:
+      values: (nnzb, bh, bw) kept blocks.
+      blocks: the structure (static).
+    """
+
+    values: jax.Array
+    blocks: FrozenBlocks = dataclasses.field(metadata={"static": True})
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the block values."""
+        return self.values.dtype
+
+    def __rmatmul__(self, h: jax.Array) -> jax.Array:
+        y = block_sparse_matmul(self.blocks, h.astype(self.values.dtype), self.values)
+        gates, hp = len(self.blocks.gates), self.blocks.padded
+        return y.reshape(h.shape[0], gates, hp)[:, :, : self.blocks.hidden].reshape(
+            h.shape[0], -1)
+
+
+def recurrent_kernel(
+    blocks_: FrozenBlocks, kernels: Sequence[jax.Array], masks: Sequence[jax.Array], name: str
+) -> SparseRecurrentKernel:
+    """A frozen layer's kernel from its gates' dense (H, H) kernels and masks.
+
+    Concrete masks that differ from the frozen structure raise ``ValueError``; traced ones
+    (under ``jit``) turn the kernel to NaN instead (see the module docstring).
+    """
+    shape = (blocks_.hidden, blocks_.hidden)
+
+    def changed_entries(masks: Sequence[Any]) -> jax.Array:
+        return sum(jnp.sum(m != blocks.expand_blocks(jnp.asarray(k), blocks_.block_shape, shape),
+                           dtype=jnp.int32) for m, k in zip(masks, blocks_.keep, strict=True))
+
+    traced = any(isinstance(m, jax.core.Tracer) for m in masks)
+    if traced:
+        changed = changed_entries(masks)
+    else:
+        with jax.ensure_compile_time_eval():  # on the host even while tracing
+            count = int(changed_entries([np.asarray(m) for m in masks]))
+        if count:
+            raise ValueError(
+                f"{name}: the masks differ from the frozen block structure in {count} "
+                "entries; freeze again (bsrnn.kernels.sparse_training.freeze) from the masks "
+                "the layer is applied with."
+            )
+    values = gather_blocks(blocks_, kernels)
+    if traced:
+        values = jnp.where(changed > 0, jnp.nan, values)
+    return SparseRecurrentKernel(values, blocks_)
+
+
+def frozen_for(frozen: Mapping[str, FrozenBlocks] | None, path: Sequence[str]) -> \
+        FrozenBlocks | None:
+    """The entry of the layer at ``path`` in a :func:`freeze` mapping, or ``None``."""
+    return None if frozen is None else frozen.get("/".join(path))
