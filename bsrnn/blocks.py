@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,26 @@ def expand_blocks(
     return jnp.concatenate(full, axis=1) if num_gates > 1 else full[0]
 
 
+def _check_module_count(num_modules: Any) -> None:
+    if not isinstance(num_modules, int | np.integer) or num_modules < 1:
+        raise ValueError(f"block_diagonal needs a positive module count, got {num_modules!r}.")
+
+
+def _module_shape(shape: tuple[int, ...], num_modules: int) -> tuple[int, int]:
+    """(rows/G, cols/G) of one of G diagonal modules of a (rows, cols) matrix, or a
+    ``ValueError`` that says which G would fit."""
+    _check_module_count(num_modules)
+    if len(shape) != 2:
+        raise ValueError(f"a block-diagonal matrix is 2-D, got shape {tuple(shape)}.")
+    rows, cols = shape
+    if rows % num_modules or cols % num_modules:
+        raise ValueError(
+            f"block_diagonal({num_modules}) cannot split a {rows}x{cols} matrix into "
+            f"{num_modules} equal modules; choose G dividing both {rows} and {cols}."
+        )
+    return rows // num_modules, cols // num_modules
+
+
 def block_diagonal(
     num_modules: int,
 ) -> Callable[[tuple[int, int]], np.ndarray]:
@@ -179,17 +200,56 @@ def block_diagonal(
     Args:
       num_modules: G, which must divide both sides of the matrix.
     """
-    if not isinstance(num_modules, int | np.integer) or num_modules < 1:
-        raise ValueError(f"block_diagonal needs a positive module count, got {num_modules!r}.")
+    _check_module_count(num_modules)
 
     def init(shape: tuple[int, int]) -> np.ndarray:
-        rows, cols = shape
-        if rows % num_modules or cols % num_modules:
-            raise ValueError(
-                f"block_diagonal({num_modules}) cannot split a {rows}x{cols} matrix into "
-                f"{num_modules} equal modules; choose G dividing both {rows} and {cols}."
-            )
-        r, c = rows // num_modules, cols // num_modules
+        r, c = _module_shape(shape, num_modules)
         return np.kron(np.eye(num_modules, dtype=bool), np.ones((r, c), dtype=bool))
 
     return init
+
+
+def _by_module(w: jax.Array, num_modules: int) -> tuple[jax.Array, jax.Array]:
+    """(rows, cols) -> w as (G, r, G, c) and the (G, 1, G, 1) bool selector of its diagonal."""
+    r, c = _module_shape(w.shape, num_modules)
+    diagonal = np.eye(num_modules, dtype=bool)[:, None, :, None]
+    return w.reshape(num_modules, r, num_modules, c), diagonal
+
+
+def diagonal_blocks(w: jax.Array, num_modules: int) -> jax.Array:
+    """The G diagonal blocks of a (rows, cols) matrix, stacked: shape (G, rows/G, cols/G).
+
+    Block k is ``w[k·r:(k+1)·r, k·c:(k+1)·c]`` (r = rows/G, c = cols/G); entries off the
+    diagonal blocks are dropped, so this is exact only for a block-diagonal ``w`` (see
+    :func:`check_block_diagonal`). Differentiable: the gradient is zero off the diagonal.
+    """
+    by_module, diagonal = _by_module(w, num_modules)
+    return jnp.sum(jnp.where(diagonal, by_module, 0), axis=2, dtype=by_module.dtype)
+
+
+def off_diagonal_count(mask: jax.Array | np.ndarray, num_modules: int) -> jax.Array:
+    """The number of kept (True) entries of a (rows, cols) mask outside its G diagonal
+    blocks, an int32 scalar; 0 iff the mask is within ``block_diagonal(G)``. Jittable; a
+    numpy mask is counted in numpy, on the host."""
+    by_module, diagonal = _by_module(mask.astype(bool), num_modules)
+    return (by_module & ~diagonal).sum(dtype=np.int32)
+
+
+def check_block_diagonal(mask: Any, num_modules: int, name: str = "mask") -> None:
+    """Raise ``ValueError`` unless the concrete (rows, cols) ``mask`` keeps entries only in its
+    G diagonal blocks (it may prune more, inside the blocks).
+
+    A layer that computes its product from the diagonal blocks alone
+    (:class:`bsrnn.cells.RecurrentLayer` with ``recurrent_modules=G``) would otherwise drop
+    the kept off-diagonal weights.
+    """
+    count = int(off_diagonal_count(np.asarray(mask), num_modules))
+    if count:
+        rows, cols = np.shape(mask)
+        raise ValueError(
+            f"{name} ({rows}x{cols}) keeps {count} entries outside its {num_modules} diagonal "
+            f"blocks of {rows // num_modules}x{cols // num_modules}, so it is not P3's "
+            f"block_diagonal({num_modules}) pattern. Load masks made for G={num_modules}, or "
+            "build the model with the G its masks were made for (recurrent_modules=1 for "
+            "any mask)."
+        )

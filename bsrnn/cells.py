@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bsrnn import blocks
+
 MaskInit = Callable[[tuple[int, int]], Any]
 Carry = Any  # h of shape (B, H), or (h, c) for the LSTM
 
@@ -122,6 +124,18 @@ class MaskedDense(nn.Module):
         return y if bias is None else y + bias
 
 
+def recurrent_product(h: jax.Array, w_h: jax.Array) -> jax.Array:
+    """The recurrent product h @ W_h of every gate at once.
+
+    Dense: h (B, H) @ w_h (H, gates·H) -> (B, gates·H). Block-diagonal (P3's G modules): h
+    (G, B, H/G), w_h (G, H/G, gates·H/G) -> (G, B, gates·H/G), G independent products, one
+    per module (a batched einsum: H²·gates/G multiply-adds per row instead of H²·gates).
+    """
+    if w_h.ndim == 2:
+        return jnp.dot(h, w_h)
+    return jnp.einsum("kbi,kic->kbc", h, w_h)
+
+
 def cell_step(cell: str, carry: Carry, x_proj: jax.Array, w_h: jax.Array, b_h: jax.Array):
     """One time step of ``cell``.
 
@@ -130,13 +144,16 @@ def cell_step(cell: str, carry: Carry, x_proj: jax.Array, w_h: jax.Array, b_h: j
       carry: h (B, H), or (h, c) for the LSTM.
       x_proj: the input projection W_i x + b_i of this step, (B, gates·H), gates concatenated
         in the order of ``GATES[cell]``.
-      w_h: masked recurrent kernel (H, gates·H); b_h: recurrent bias (gates·H,).
+      w_h: masked recurrent kernel (H, gates·H); b_h: recurrent bias (gates·H,). Or, for
+        P3's G block-diagonal modules (see :func:`recurrent_product`), every array per
+        module: carry (G, B, H/G), x_proj (G, B, gates·H/G), w_h (G, H/G, gates·H/G) and
+        b_h (G, 1, gates·H/G).
 
     Returns:
       (new carry, output h' of shape (B, H)).
     """
     h = carry[0] if cell == "lstm" else carry
-    h_proj = jnp.dot(h, w_h) + b_h
+    h_proj = recurrent_product(h, w_h) + b_h
     if cell in ("rnn", "rnn_clipped_relu"):
         pre = x_proj + h_proj
         new_h = jnp.tanh(pre) if cell == "rnn" else jnp.clip(pre, 0.0, 20.0)
@@ -170,13 +187,32 @@ def reverse_sequences(x: jax.Array, lengths: jax.Array) -> jax.Array:
 class RecurrentLayer(nn.Module):
     """One recurrent layer run over a padded batch with ``jax.lax.scan``.
 
+    With ``recurrent_modules`` G > 1 (P3) every recurrent gate kernel is block-diagonal with
+    G modules, and the layer computes it as what it is: each step runs G independent
+    (H/G, H/G) products per gate (:func:`recurrent_product`), in the forward and the backward
+    pass, so the recurrent FLOPs, and the recurrent weight gradient, fall by G. The params and
+    masks are those of the masked dense layer (each gate kernel stays one dense (H, H) param,
+    of which only the diagonal blocks are read), so checkpoints move between the two. The
+    numbers are those of the masked dense layer up to float summation order, except that
+    the kernel entries off the diagonal blocks get a zero gradient instead of the
+    straight-through one of :func:`apply_mask` (with ``keep_masked`` their updates are zeroed
+    either way; the global gradient norm, as in ``clip_by_global_norm``, no longer counts them).
+
+    The recurrent masks must keep no entry off the diagonal blocks (they may prune more
+    inside them): a concrete mask that does raises ``ValueError`` (at init, and when the layer
+    is applied outside ``jit``); under ``jit``, where the masks are traced, such a layer
+    outputs NaN rather than silently dropping weights (``bsrnn.train`` checks restored masks
+    on the host before it trains).
+
     Attributes:
       cell: ``rnn``, ``rnn_clipped_relu``, ``gru`` or ``lstm``.
       features: hidden size H.
       reverse: run each sequence from its last valid step back to its first.
-      recurrent_mask_init: fixed mask pattern for every recurrent gate kernel (H, H), e.g.
-        P3's ``block_diagonal(G)``; ``None``: all ones.
+      recurrent_mask_init: fixed mask pattern for every recurrent gate kernel (H, H); ``None``:
+        all ones, or P3's ``block_diagonal(G)`` when ``recurrent_modules`` is G > 1.
       input_mask_init: the same for the input gate kernels (D, H).
+      recurrent_modules: P3's G, static; it must divide H. 1: the dense recurrent product
+        (a block-diagonal mask then only zeroes weights).
       unroll: ``lax.scan`` unroll factor (per-step loop overhead dominates on GPUs).
       dtype: computation dtype (``None``: float32 params' dtype).
     """
@@ -186,6 +222,7 @@ class RecurrentLayer(nn.Module):
     reverse: bool = False
     recurrent_mask_init: MaskInit | None = None
     input_mask_init: MaskInit | None = None
+    recurrent_modules: int = 1
     unroll: int = 1
     dtype: Any = None
 
@@ -207,49 +244,116 @@ class RecurrentLayer(nn.Module):
         """
         if self.cell not in GATES:
             raise ValueError(f"unknown cell {self.cell!r}; choose one of {tuple(GATES)}.")
+        modules = self.recurrent_modules
+        if not isinstance(modules, int | np.integer) or modules < 1 or self.features % modules:
+            raise ValueError(
+                f"recurrent_modules={modules!r} must be a positive int that divides "
+                f"features={self.features} (P3's G equal modules of H/G units)."
+            )
         batch, steps, in_features = x.shape
         dense = dict(features=self.features, dtype=self.dtype)
-        inputs, recurrents = [], []
+        inputs, recurrent_layers = [], []
         for gate in GATES[self.cell]:
             inputs.append(MaskedDense(in_features, mask_init=self.input_mask_init,
                                       name=f"input_{gate}", **dense).weights())
-            recurrents.append(MaskedDense(self.features, mask_init=self.recurrent_mask_init,
-                                          kernel_init=nn.initializers.orthogonal(),
-                                          name=f"recurrent_{gate}", **dense).weights())
+            recurrent_layers.append(MaskedDense(self.features,
+                                                mask_init=self._recurrent_mask_init(),
+                                                kernel_init=nn.initializers.orthogonal(),
+                                                name=f"recurrent_{gate}", **dense))
+        recurrents = [layer.weights() for layer in recurrent_layers]
         w_i = jnp.concatenate([k for k, _ in inputs], axis=1)
         b_i = jnp.concatenate([b for _, b in inputs])
-        w_h = jnp.concatenate([k for k, _ in recurrents], axis=1)
         b_h = jnp.concatenate([b for _, b in recurrents])
+        if modules == 1:
+            w_h = jnp.concatenate([k for k, _ in recurrents], axis=1)
+        else:
+            w_h = self._block_diagonal_kernel(recurrent_layers, [k for k, _ in recurrents])
+            b_h = _to_modules(b_h[None], modules, len(recurrents))  # (G, 1, gates·H/G)
 
         if self.reverse:
             x = jnp.flip(x, axis=1) if lengths is None else reverse_sequences(x, lengths)
         x_proj = jnp.dot(x.astype(w_i.dtype), w_i) + b_i  # (B, T, gates·H), one product
+        x_proj = jnp.swapaxes(x_proj, 0, 1)  # (T, B, gates·H)
 
         if initial_carry is None:
             h0 = jnp.zeros((batch, self.features), w_h.dtype)
             initial_carry = (h0, h0) if self.cell == "lstm" else h0
+        if modules > 1:  # per module: x_proj (T, G, B, gates·H/G), carry (G, B, H/G)
+            x_proj = _to_modules(x_proj, modules, len(recurrents))
+            initial_carry = jax.tree_util.tree_map(lambda c: _to_modules(c, modules),
+                                                   initial_carry)
 
         def step(carry: Carry, inputs: tuple[jax.Array, jax.Array | None]):
             x_t, valid_t = inputs
             new_carry, out = cell_step(self.cell, carry, x_t, w_h, b_h)
             if valid_t is None:  # no padding: skip the selects
                 return new_carry, out
-            keep = valid_t[:, None]
+            keep = valid_t[:, None]  # (B, 1): broadcasts over (B, H) and (G, B, H/G)
             new_carry = jax.tree_util.tree_map(
                 lambda new, old: jnp.where(keep, new, old), new_carry, carry
             )
             return new_carry, jnp.where(keep, out, 0)
 
         valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths[None, :]
-        carry, outputs = jax.lax.scan(
-            step, initial_carry, (jnp.swapaxes(x_proj, 0, 1), valid), unroll=self.unroll
-        )
+        carry, outputs = jax.lax.scan(step, initial_carry, (x_proj, valid), unroll=self.unroll)
+        if modules > 1:
+            outputs = _from_modules(outputs)
+            carry = jax.tree_util.tree_map(_from_modules, carry)
         outputs = jnp.swapaxes(outputs, 0, 1)
         if self.reverse:
             outputs = jnp.flip(outputs, 1) if lengths is None else reverse_sequences(
                 outputs, lengths
             )
         return outputs, carry
+
+    def _recurrent_mask_init(self) -> MaskInit | None:
+        """``recurrent_mask_init``, defaulting to (and, for G > 1, checked to be within)
+        ``block_diagonal(G)``."""
+        modules = self.recurrent_modules
+        if modules == 1:
+            return self.recurrent_mask_init
+        pattern = self.recurrent_mask_init or blocks.block_diagonal(modules)
+        name = f"{'/'.join(self.path) or 'RecurrentLayer'}: recurrent_mask_init's mask"
+
+        def init(shape: tuple[int, int]) -> np.ndarray:
+            mask = np.asarray(pattern(shape))
+            blocks.check_block_diagonal(mask, modules, name)
+            return mask
+
+        return init
+
+    def _block_diagonal_kernel(
+        self, layers: list[MaskedDense], kernels: list[jax.Array]
+    ) -> jax.Array:
+        """The masked gate kernels (H, H) as per-module blocks (G, H/G, gates·H/G), after
+        checking that their masks keep nothing off the diagonal blocks (see the class
+        docstring): concrete masks raise, traced ones turn the kernel to NaN."""
+        modules = self.recurrent_modules
+        off_diagonal = []
+        for layer in layers:
+            mask = layer.mask.value
+            if isinstance(mask, jax.core.Tracer):
+                off_diagonal.append(blocks.off_diagonal_count(mask, modules))
+            else:
+                blocks.check_block_diagonal(mask, modules, f"the mask of {'/'.join(layer.path)}")
+        w_h = jnp.concatenate([blocks.diagonal_blocks(k, modules) for k in kernels], axis=-1)
+        if off_diagonal:
+            w_h = jnp.where(sum(off_diagonal) > 0, jnp.nan, w_h)
+        return w_h
+
+
+def _to_modules(a: jax.Array, modules: int, gates: int = 1) -> jax.Array:
+    """(..., B, gates·H) -> (..., G, B, gates·H/G): module k gets its H/G units of each gate
+    (units k·H/G to (k+1)·H/G), gates side by side."""
+    *lead, rows, width = a.shape
+    a = a.reshape(*lead, rows, gates, modules, width // gates // modules)
+    return jnp.moveaxis(a, -2, -4).reshape(*lead, modules, rows, width // modules)
+
+
+def _from_modules(a: jax.Array) -> jax.Array:
+    """(..., G, B, H/G) -> (..., B, H), the inverse of :func:`_to_modules` for one gate."""
+    *lead, modules, rows, units = a.shape
+    return jnp.moveaxis(a, -3, -2).reshape(*lead, rows, modules * units)
 
 
 class RNN(nn.Module):
@@ -259,8 +363,8 @@ class RNN(nn.Module):
     whose outputs are concatenated, so the next layer sees 2H features).
 
     Attributes:
-      cell, features, recurrent_mask_init, input_mask_init, unroll, dtype: as in
-        :class:`RecurrentLayer`, shared by every layer.
+      cell, features, recurrent_mask_init, input_mask_init, recurrent_modules, unroll,
+        dtype: as in :class:`RecurrentLayer`, shared by every layer.
       num_layers: depth.
       bidirectional: run a forward and a backward layer at each depth.
     """
@@ -271,6 +375,7 @@ class RNN(nn.Module):
     bidirectional: bool = False
     recurrent_mask_init: MaskInit | None = None
     input_mask_init: MaskInit | None = None
+    recurrent_modules: int = 1
     unroll: int = 1
     dtype: Any = None
 
@@ -282,6 +387,7 @@ class RNN(nn.Module):
             features=self.features,
             recurrent_mask_init=self.recurrent_mask_init,
             input_mask_init=self.input_mask_init,
+            recurrent_modules=self.recurrent_modules,
             unroll=self.unroll,
             dtype=self.dtype,
         )

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -138,6 +139,27 @@ def _gl_cut(config: ml_collections.ConfigDict, kind: str) -> schedules.CubicSpar
     return schedules.CubicSparsity(config.prune.sparsity[kind], end - 1, end, freq=1)
 
 
+def _prune_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Schedule]:
+    """The pruning transformation's schedules: ``gl``'s one cut, else the configured ones."""
+    if config.method == "gl":
+        return {kind: _gl_cut(config, kind) for kind in config.prune.layer_types}
+    return pruning_schedules(config)
+
+
+def mask_update_steps(config: ml_collections.ConfigDict) -> np.ndarray:
+    """bool (num_steps,): the steps at which the chain of ``config.method`` recomputes masks.
+
+    For a training loop whose step is the chain's count (the trainer's is): pass
+    ``update_masks=bool(due[step])`` to ``tx.update`` and no step has a conditional (see
+    :func:`bsrnn.pruning.block_prune`). All False for ``dense`` and ``structural``.
+    """
+    check_method(config)
+    steps = np.arange(config.num_steps)
+    if config.method in ("dense", "structural"):
+        return np.zeros(steps.shape, bool)
+    return pruning.update_steps(_prune_schedules(config), steps)
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """``optimizer.schedule`` over ``num_steps``: linear warm-up to ``learning_rate``, then
     constant, cosine or linear decay to ``final_lr_fraction · learning_rate``."""
@@ -220,14 +242,11 @@ def create_optimizer(
         return optax.chain(optimizer, pruning.keep_masked()), lr
     if method == "wp":
         return optax.chain(
-            optimizer, pruning.weight_prune(pruning_schedules(config), mode=p.mode,
+            optimizer, pruning.weight_prune(_prune_schedules(config), mode=p.mode,
                                             layer_type=layer_type)
         ), lr
     strength = _by_type(gl.gl_strength if method == "gl" else gl.glp_strength)
-    if method == "gl":
-        schedule = {kind: _gl_cut(config, kind) for kind in p.layer_types}
-    else:
-        schedule = pruning_schedules(config)
+    schedule = _prune_schedules(config)
     prune = pruning.block_prune(schedule, block_shape, reduction, mode=p.mode,
                                 layer_type=layer_type)
     if method == "bp":

@@ -6,7 +6,7 @@
   prunable kernels, computed from the params and the ``masks`` collection.
 * :func:`save_masks`, :func:`load_masks`: the final masks as a small ``masks.npz``.
 * :func:`format_report`, :func:`format_sweep`: the readable tables printed at the end of a
-  run and of a sweep.
+  run and of a sweep (:func:`format_export`: the exported model's size, speed and samples).
 
 A *layer* groups a recurrent layer's gate kernels by kind: ``layer_0/input_r``,
 ``layer_0/input_z`` and ``layer_0/input_n`` make ``layer_0/input``.
@@ -248,7 +248,31 @@ def format_report(report: Mapping[str, Any]) -> str:
     ratio = counts["total"] / max(counts["nonzero"], 1)
     lines += ["", f"parameters: {counts['total']:,} total, {counts['nonzero']:,} nonzero "
                   f"({ratio:.1f}x fewer)"]
+    if report.get("export"):
+        lines += ["", *format_export(report["export"])]
     return "\n".join(lines)
+
+
+def format_export(entry: Mapping[str, Any]) -> list[str]:
+    """The ``export`` entry of ``report.json`` (:func:`bsrnn.train.export_model`) as lines:
+    the file against the dense fp32 weights, the measured speed-up, the samples."""
+    lines = [
+        f"exported {entry['file']}: {entry['file_bytes'] / 1e3:,.1f} kB ({entry['dtype']}); "
+        f"the dense fp32 weights take {entry['dense_fp32_bytes'] / 1e3:,.1f} kB, "
+        f"{entry['dense_fp32_bytes'] / entry['file_bytes']:.1f}x as much"]
+    if "inference" not in entry:
+        return lines
+    measured = entry["inference"]
+    rate = next(k for k in measured if k.startswith("sparse_") and k.endswith("_per_s"))
+    unit = rate.removeprefix("sparse_").removesuffix("_per_s")
+    return lines + [
+        f"{entry['timed']} on the {entry['backend']}: {entry['inference_speedup']:.2f}x the "
+        f"speed of the masked dense model ({measured[rate]:,.0f} against "
+        f"{measured['dense' + rate.removeprefix('sparse')]:,.0f} {unit.replace('_', ' ')} "
+        "per second)",
+        "from the exported model:",
+        *(f"  {line}" for line in entry.get("samples", [])),
+    ]
 
 
 def main_metric(report: Mapping[str, Any]) -> tuple[str, str, float]:

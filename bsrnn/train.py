@@ -45,6 +45,9 @@ One run, from a config (see ``experiments/configs``) into a working directory:
 * **Report**: ``<workdir>/report.json`` (final metrics, sparsity overall and per layer,
   total and nonzero parameters, method, blocks, wall time, config), printed as a table, and
   ``<workdir>/masks.npz``, the final masks (:func:`bsrnn.report.load_masks` reads them).
+* **Export**: ``<workdir>/model.npz``, the model block-sparse (:mod:`bsrnn.export`), run
+  from the file (:mod:`bsrnn.inference`): a few samples or transcripts, and its speed against
+  the masked dense model (``report.json``'s ``export`` entry, :func:`export_model`).
 
 A NaN or infinite loss (or gradient norm) stops the run with ``FloatingPointError``
 before anything non-finite is saved; the last good checkpoint stays. A run that diverges
@@ -77,7 +80,7 @@ from flax import struct, traverse_util
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from bsrnn import ctc, data, input_pipeline, methods, models, pruning, report, sharding
+from bsrnn import blocks, ctc, data, input_pipeline, methods, models, pruning, report, sharding
 from bsrnn import workdir as workdir_lib
 
 DIVERGENCE_FACTOR = 2.0  # a training loss this many times the first step's: diverging
@@ -163,10 +166,13 @@ def _ctc_loss(logits: jax.Array, lengths: jax.Array, batch: dict[str, Any]) -> j
 
 
 def train_step(
-    state: TrainState, batch: dict[str, Any], *, model: Any, tx: Any, task: str
+    state: TrainState, batch: dict[str, Any], *, model: Any, tx: Any, task: str,
+    update_masks: bool | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update; see the module docstring. Returns the new state and the
-    step's ``loss`` and ``grad_norm``."""
+    step's ``loss`` and ``grad_norm``. ``update_masks`` (static): whether the pruning
+    transformation recomputes masks at this step, from :func:`bsrnn.methods.mask_update_steps`
+    (then the program has no conditional), or ``None``: it decides on the device."""
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
@@ -181,7 +187,8 @@ def train_step(
         return _ctc_loss(logits, lengths, batch).mean(), state.carry
 
     (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks,
+                                   update_masks=update_masks)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1, params=params, masks=pruning.updated_masks(opt_state, state.masks),
@@ -467,6 +474,19 @@ def _save(
         ) from e
 
 
+def _check_recurrent_modules(masks: Any, modules: int) -> None:
+    """On the host, raise ``ValueError`` unless every recurrent mask is within P3's
+    ``block_diagonal(modules)`` (a checkpoint saved with another G would otherwise make
+    the block-diagonal layers output NaN)."""
+    if modules == 1:
+        return
+    for path, mask in traverse_util.flatten_dict(jax.device_get(masks)).items():
+        if pruning.default_layer_type(path, mask) == "recurrent":
+            blocks.check_block_diagonal(
+                mask, modules, f"the restored mask {'/'.join(path)} (config.structure.num_modules"
+                f"={modules})")
+
+
 def _sparsity_scalars(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {f"sparsity/{name}": entry["sparsity"] for name, entry in layers.items()}
 
@@ -566,6 +586,7 @@ def _train_and_evaluate(
     )
 
     state, progress, skipped = _restore(manager, state, workdir, primary)
+    _check_recurrent_modules(state.masks, methods.recurrent_modules(config))
     position, previous_time, initial_loss = (
         (None, 0.0, None) if progress is None
         else (progress["position"], float(progress["wall_time_s"]), progress.get("initial_loss"))
@@ -595,18 +616,23 @@ def _train_and_evaluate(
     watch = _DivergenceWatch(events, initial_loss,
                              _records(workdir / "metrics.jsonl") if primary else [])
 
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, task=task),
-        in_shardings=(shardings, sharding.batch_sharded(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
-    )
+    step_fns = {  # by whether the step recomputes masks; each compiles when first used
+        update: jax.jit(
+            functools.partial(train_step, model=model, tx=tx, task=task, update_masks=update),
+            in_shardings=(shardings, sharding.batch_sharded(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+        )
+        for update in (False, True)
+    }
+    masks_due = methods.mask_update_steps(config)
     batches: Iterator = input_pipeline.train_batches(dataset, config, position)
     sums, count, window_start = None, 0, time.time()
     bar = _progress(range(start, config.num_steps), "train", initial=start,
                     total=config.num_steps)
     for step in bar:
         batch, position = next(batches)
-        state, step_metrics = step_fn(state, sharding.put_batch(batch, mesh))
+        state, step_metrics = step_fns[bool(masks_due[step])](
+            state, sharding.put_batch(batch, mesh))
         if initial_loss is None:
             initial_loss = watch.initial_loss = float(step_metrics["loss"])
         sums = step_metrics if sums is None else jax.tree_util.tree_map(
@@ -664,10 +690,59 @@ def _train_and_evaluate(
                               previous_time + time.time() - started, events)
         report.save_masks(workdir / "masks.npz", jax.device_get(state.masks))
         (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["export"] = export_model(config, workdir, state, dataset, model, final)
+        (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
         print(report.format_report(result), flush=True)
         for warning in result["warnings"]:
             print(f"WARNING (step {warning['step']}): {warning['message']}", flush=True)
     return state
+
+
+def export_model(
+    config: ml_collections.ConfigDict, workdir: Path, state: TrainState,
+    dataset: input_pipeline.Data, model: Any, metrics: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """Writes ``<workdir>/model.npz`` (:func:`bsrnn.export.export_run`), runs the exported
+    model and times it against the masked dense model, side by side in this process.
+
+    Language models sample a few lines at temperature 0.8 and time sampling at batch 1
+    (:func:`bsrnn.inference.speed.compare_sampling`); speech models transcribe test
+    utterances and time one batch of ``eval_batch_size`` of them. A config with
+    ``export_timing=False`` skips the samples and the timing (their compilations take a few
+    seconds; the tests' tiny runs need neither).
+
+    Returns:
+      ``report.json``'s ``export`` entry: the file, its bytes against the dense fp32
+      weights, dtype, what was timed and its ``inference_speedup``, and the samples.
+    """
+    from bsrnn import export, inference
+    from bsrnn.inference import speed
+
+    path = workdir / "model.npz"
+    params, masks = jax.device_get((state.params, state.masks))
+    sizes = export.export_run(path, config, params, masks, dataset, step=int(state.step),
+                              metrics=metrics)
+    exported = inference.load(path)
+    variables = {"params": params, "masks": masks}
+    entry = {"file": str(path), "file_bytes": path.stat().st_size,
+             "stored_bytes": sizes.stored_bytes, "dense_fp32_bytes": sizes.dense_fp32_bytes,
+             "dtype": "float32", "backend": jax.default_backend()}
+    if not config.get("export_timing", True):
+        return entry
+    if isinstance(exported, inference.LanguageModel):
+        timed = "sampling 600 tokens at batch 1"
+        measured = speed.compare_sampling(exported, model, variables, length=600)
+        text = exported.sample(600, temperature=0.8, seed=config.seed)
+        samples = text.strip("\n").split("\n")[:4]
+    else:
+        test = dataset.corpus.test[: config.eval_batch_size]
+        samples = [f"{u.transcript} -> {t}" for u, t in zip(
+            test[:3], exported.transcribe_features([u.features for u in test[:3]]), strict=True)]
+        timed = f"transcribing a batch of {len(test)} test utterances"
+        measured = speed.compare_transcription(exported, model, variables,
+                                               [u.features for u in test])
+    return {**entry, "timed": timed, "inference": measured,
+            "inference_speedup": measured["speedup"], "samples": samples}
 
 
 class _NoWriter:

@@ -1,5 +1,6 @@
 """Tests of bsrnn.export: BSC layout, round trips, errors, file layout and size."""
 
+import json
 import os
 
 import jax
@@ -184,3 +185,31 @@ def test_bfloat16_survives_file(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(bsc.to_dense(loaded["w"])), k.astype(ml_dtypes.bfloat16)
     )
+
+
+def test_version_1_files_still_load_and_unknown_versions_are_refused(tmp_path):
+    k = np.arange(16, dtype=np.float32).reshape(4, 4)
+    path = os.path.join(tmp_path, "v2.npz")
+    export.save_npz(path, {"w": k})
+    with np.load(path) as f:
+        arrays = {name: f[name] for name in f.files}
+    header = json.loads(arrays["__bsrnn_export__"].item())
+    for version, name in ((1, "v1.npz"), (3, "v3.npz")):
+        header["version"] = version
+        arrays["__bsrnn_export__"] = np.array(json.dumps(header).encode())
+        np.savez(os.path.join(tmp_path, name), **arrays)
+    loaded = export.load_file(os.path.join(tmp_path, "v1.npz"))
+    assert loaded.version == 1 and loaded.model is None
+    np.testing.assert_array_equal(loaded.params["w"], k)
+    with pytest.raises(ValueError, match=r"v3.npz: bsrnn export format version 3"):
+        export.load_npz(os.path.join(tmp_path, "v3.npz"))
+
+
+def test_export_command_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export.main([f"--workdir={tmp_path}"])
+    assert "config.json is missing" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        export.main([f"--workdir={tmp_path}"])
+    assert "holds no checkpoint" in capsys.readouterr().err

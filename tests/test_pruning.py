@@ -1,6 +1,8 @@
 """Pruning and group-lasso transformations against hand-computed masks, SPEC formulas and
 finite differences."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,3 +261,87 @@ def test_default_layer_type():
     assert lt(("head", "bias"), jnp.ones(3)) is None
     assert lt(("conv", "kernel"), w4) is None
     assert lt(("embed", "embedding"), w2) is None
+
+
+def numpy_keep_lowest_out(scores, sparsity):
+    """Reference: a stable argsort drops the floor(s·n) lowest, ties by position."""
+    flat = scores.ravel()
+    k = int(np.floor(np.float32(sparsity) * flat.size))
+    order = np.argsort(flat, kind="stable")
+    keep = np.ones(flat.size, bool)
+    keep[order[:k]] = False
+    return keep.reshape(scores.shape), (flat[order[k - 1]] if k else np.float32(0.0))
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (40, 130)])
+def test_sort_free_cut_matches_a_stable_sort_with_ties(shape):
+    rng = np.random.default_rng(5)
+    # Scores on a coarse grid (many ties, some exact zeros) and spread over many octaves.
+    coarse = np.round(np.abs(rng.standard_normal(shape)) * 4) / 4
+    spread = np.abs(rng.standard_normal(shape) * np.exp(rng.uniform(-20, 5, shape)))
+    for scores in (coarse.astype(np.float32), spread.astype(np.float32)):
+        for sparsity in (0.0, 1.5 / scores.size, 0.3, 0.5, 0.9, 0.999):
+            keep, cut = jax.jit(pruning._keep_lowest_out)(jnp.asarray(scores), sparsity)
+            expected_keep, expected_cut = numpy_keep_lowest_out(scores, sparsity)
+            np.testing.assert_array_equal(keep, expected_keep, err_msg=f"s={sparsity}")
+            assert np.float32(cut).tobytes() == np.float32(expected_cut).tobytes()
+
+
+def mixed_schedules():
+    """Different update steps per layer type: cubic every 3 steps from 1, P2's every 2."""
+    return {
+        "recurrent": CubicSparsity(0.6, begin_step=1, end_step=7, freq=3),
+        "input": GradualThreshold(0, 4, 8, start_slope=0.05, ramp_slope=0.1, freq=2),
+    }
+
+
+@pytest.mark.parametrize("mode", pruning.MODES)
+def test_host_decided_updates_give_bitwise_the_same_training(mode):
+    variables, loss_fn = gru_setup(hidden=8)
+    schedule = mixed_schedules()
+    tx = optax.chain(optax.adam(3e-2), pruning.block_prune(schedule, (2, 2), mode=mode))
+
+    @functools.partial(jax.jit, static_argnames="update_masks")
+    def step(params, masks, opt_state, update_masks=None):
+        grads = jax.grad(loss_fn)(params, masks)
+        updates, opt_state = tx.update(grads, opt_state, params, masks=masks,
+                                       update_masks=update_masks)
+        return optax.apply_updates(params, updates), pruning.updated_masks(opt_state, masks), \
+            opt_state
+
+    due = pruning.update_steps(schedule, np.arange(10))
+    assert due.tolist() == [False, True, True, False, True, False, True, True, False, False]
+    hints = {"device": lambda t: None, "host": lambda t: bool(due[t]), "always": lambda t: True}
+    start = (variables["params"], variables["masks"], tx.init(variables["params"]))
+    runs = {name: [start] for name in hints}
+    for name, hint in hints.items():
+        for t in range(10):
+            runs[name].append(step(*runs[name][-1], update_masks=hint(t)))
+    for t in range(11):
+        reference = jax.tree_util.tree_leaves(runs["device"][t])
+        for name in ("host", "always"):
+            for a, b in zip(reference, jax.tree_util.tree_leaves(runs[name][t]), strict=True):
+                assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), (name, t)
+    # Not vacuous: the masks did change, at update steps only.
+    sparsity = [pruning.mask_sparsity(run[1])["total"] for run in runs["device"]]
+    assert sparsity[-1] > 0.2
+    changed = [t for t in range(10) if sparsity[t + 1] != sparsity[t]]
+    assert changed and all(due[t] for t in changed)
+
+
+def test_only_the_device_decided_step_has_a_conditional():
+    params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 8))},
+              "c": {"kernel": jnp.ones((8, 4))}}
+    masks = ones_like_masks(params)
+    tx = pruning.block_prune(mixed_schedules() | {"fc": every_step(0.1)}, (2, 2))
+    state = tx.init(params)
+
+    def conditionals(update_masks):
+        jaxpr = jax.make_jaxpr(
+            lambda u, s, p, m: tx.update(u, s, p, masks=m, update_masks=update_masks)
+        )(params, state, params, masks)
+        return sum(eqn.primitive.name == "cond" for eqn in jaxpr.jaxpr.eqns)
+
+    assert [conditionals(h) for h in (None, True, False)] == [1, 0, 0]
+    with pytest.raises(ValueError, match="update_masks must be None, True or False"):
+        tx.update(params, state, params, masks=masks, update_masks=jnp.array(True))

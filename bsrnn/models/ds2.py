@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bsrnn import blocks, cells, models
+from bsrnn import cells, models
 
 
 def clipped_relu(x: jax.Array) -> jax.Array:
@@ -87,7 +87,8 @@ class Model(nn.Module):
       fc_features: width of the fully connected layer.
       mask_fc, mask_output: the fully connected / softmax layer is a prunable ``fc``
         kernel with a mask (else a plain ``nn.Dense``).
-      recurrent_modules: P3's G for every recurrent kernel (block-diagonal).
+      recurrent_modules: P3's G for every recurrent kernel (block-diagonal, run as G
+        independent products: :class:`bsrnn.cells.RecurrentLayer`).
       unroll: ``lax.scan`` unroll factor.
     """
 
@@ -155,12 +156,9 @@ class Model(nn.Module):
             lengths = output_lengths(lengths, [stride[0]])
             x = _zero_padding(clipped_relu(x), lengths)
         x = x.reshape(x.shape[0], x.shape[1], -1)  # (B, T', F'·C)
-        recurrent_mask = (
-            blocks.block_diagonal(self.recurrent_modules) if self.recurrent_modules > 1 else None
-        )
         x = cells.RNN(
             self.cell, self.features, self.num_layers, self.bidirectional,
-            recurrent_mask_init=recurrent_mask, unroll=self.unroll, name="rnn",
+            recurrent_modules=self.recurrent_modules, unroll=self.unroll, name="rnn",
         )(x, lengths)
         if self.row_conv_context > 0:
             x = _zero_padding(RowConv(self.row_conv_context, name="row_conv")(x), lengths)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bsrnn import blocks, cells, models
+from bsrnn import cells, models
 
 Carry = tuple[Any, ...]  # one carry per layer: h (B, H), or (h, c) for the LSTM
 
@@ -46,7 +46,8 @@ class Model(nn.Module):
         (Zaremba et al.'s non-recurrent dropout).
       tie_embeddings: softmax weights = embedding matrix (needs E == H).
       mask_output: the softmax layer is a prunable ``fc`` kernel with a mask.
-      recurrent_modules: P3's G: every recurrent kernel is block-diagonal with G modules.
+      recurrent_modules: P3's G: every recurrent kernel is block-diagonal with G modules,
+        run as G independent products (:class:`bsrnn.cells.RecurrentLayer`).
       unroll: ``lax.scan`` unroll factor.
     """
 
@@ -96,13 +97,10 @@ class Model(nn.Module):
         embed = nn.Embed(self.vocab_size, self.embed_dim, name="embed")
         drop = nn.Dropout(self.dropout, deterministic=not train)
         x = drop(embed(tokens))
-        recurrent_mask = (
-            blocks.block_diagonal(self.recurrent_modules) if self.recurrent_modules > 1 else None
-        )
         new_carry = []
         for i in range(self.num_layers):
             layer = cells.RecurrentLayer(
-                self.cell, self.features, recurrent_mask_init=recurrent_mask,
+                self.cell, self.features, recurrent_modules=self.recurrent_modules,
                 unroll=self.unroll, name=f"layer_{i}",
             )
             x, c = layer(x, None, initial_carry=carry[i])

@@ -1,0 +1,593 @@
+"""Run an exported model (`bsrnn.export`) from its file alone, on the block-sparse kernels.
+
+    from bsrnn import inference
+    model = inference.load("/tmp/run/model.npz")        # a LanguageModel or a SpeechModel
+    print(model.sample(length=300, temperature=0.8, prompt="ROMEO:\\n"))
+    logits, carry = model(tokens)                        # (B, T) ids -> (B, T, V) logits
+    speech = inference.load("/tmp/an4/model.npz")
+    speech.transcribe(["an4/feat/an4_clstk/fash/an251-fash-b.mfc"])
+
+The command line (`python -m bsrnn.inference sample|transcribe|evaluate`) is in `__main__`.
+
+Every layer runs from the exported arrays through one function per layer kind:
+
+* `linear` (softmax and DS2's fully connected layer): `bsrnn.kernels.bsc_matmul` when the
+  kernel is stored block-sparse, a dense product otherwise.
+* `recurrent` (every recurrent layer, stacked, bidirectional, with lengths): the kernels'
+  whole-sequence functions (`sparse_gru`, `sparse_rnn`) when the layer's recurrent kernels are
+  block-sparse and the kernels have the cell; otherwise the masked dense computation of
+  `bsrnn.cells.RecurrentLayer`. The LSTM has no sparse kernel yet, so it runs masked dense.
+  The kernels take neither lengths nor a direction yet; `recurrent` gets both exactly from a
+  forward run: a causal layer's outputs before each length do not depend on the padding, and a
+  backward layer is the forward layer on each sequence reversed within its length.
+* DS2's convolutions and row convolution (never pruned) run the model's own Flax modules.
+
+`impl="dense"` runs every layer masked dense: the same numbers (the tests check it against
+the Flax model with its masks) and the baseline the benchmarks compare with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from bsrnn import cells, ctc, data, export, kernels
+from bsrnn.kernels.bsc import BlockSparseMatrix
+from bsrnn.models import MODEL_NAMES, ds2
+
+IMPLS = ("auto", "dense", "xla", "pallas", "pallas_interpret")
+
+# Cells with a whole-sequence sparse kernel: (weights builder, sequence function).
+_KERNEL_CELLS: dict[str, tuple[Callable, Callable]] = {
+    "gru": (kernels.sparse_gru_weights, kernels.sparse_gru),
+    "rnn": (functools.partial(kernels.sparse_rnn_weights, cell="rnn"), kernels.sparse_rnn),
+    "rnn_clipped_relu": (
+        functools.partial(kernels.sparse_rnn_weights, cell="rnn_clipped_relu"),
+        kernels.sparse_rnn,
+    ),
+}
+
+
+def _static(**kwargs: Any) -> Any:
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """y = x @ K + b with K (D, F) dense or a `BlockSparseMatrix`.
+
+    Attributes:
+      kernel: (D, F) array or `BlockSparseMatrix`.
+      bias: (F,) or None.
+      impl: the kernels' `impl` for a block-sparse K (None: their default) (static).
+    """
+
+    kernel: Any
+    bias: Any
+    impl: str | None = _static(default=None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Recurrent:
+    """One recurrent layer: the kernels' weights, or the masked dense params.
+
+    Attributes:
+      sparse: the kernels' prepared weights (e.g. `kernels.SparseGRUWeights`), or None.
+      params, masks: the `bsrnn.cells.RecurrentLayer` params and masks (dense path), or None.
+      cell, features, reverse: as in `RecurrentLayer` (static).
+      impl: the kernels' `impl` (None: their default) (static).
+    """
+
+    sparse: Any
+    params: Any
+    masks: Any
+    cell: str = _static()
+    features: int = _static()
+    reverse: bool = _static(default=False)
+    impl: str | None = _static(default=None)
+
+
+def linear(layer: Linear, x: jax.Array) -> jax.Array:
+    """(..., D) -> (..., F): `bsc_matmul` for a block-sparse kernel, `jnp.dot` otherwise."""
+    if isinstance(layer.kernel, BlockSparseMatrix):
+        y = kernels.bsc_matmul(x, layer.kernel, impl=layer.impl)
+    else:
+        y = jnp.dot(x.astype(layer.kernel.dtype), layer.kernel)
+    return y if layer.bias is None else y + layer.bias
+
+
+def _zero_initial(cell: str, batch: int, features: int, dtype: Any) -> Any:
+    h = jnp.zeros((batch, features), dtype)
+    return (h, h) if cell == "lstm" else h
+
+
+def recurrent(
+    layer: Recurrent, x: jax.Array, carry: Any = None, lengths: jax.Array | None = None
+) -> tuple[jax.Array, Any]:
+    """One recurrent layer over a padded batch, like `bsrnn.cells.RecurrentLayer`.
+
+    Args:
+      layer: the layer's weights.
+      x: (B, T, D) inputs.
+      carry: h0 (B, H), or (h0, c0) for the LSTM; zeros if None.
+      lengths: (B,) valid steps (None: all T); outputs past them are zero and the final
+        carry is the state after each sequence's last valid step.
+
+    Returns:
+      outputs (B, T, H) and the final carry.
+    """
+    if layer.sparse is None:
+        module = cells.RecurrentLayer(layer.cell, layer.features, reverse=layer.reverse)
+        return module.apply({"params": layer.params, "masks": layer.masks}, x, lengths,
+                            initial_carry=carry)
+    run = _KERNEL_CELLS[layer.cell][1]
+    options = {} if layer.impl is None or layer.cell != "gru" else {"impl": layer.impl}
+    batch, steps = x.shape[:2]
+    if layer.reverse:
+        x = jnp.flip(x, 1) if lengths is None else cells.reverse_sequences(x, lengths)
+    outputs, last = run(x, layer.sparse, carry, **options)
+    if lengths is not None:
+        valid = jnp.arange(steps)[None, :] < lengths[:, None]
+        outputs = jnp.where(valid[..., None], outputs, 0)
+        at_last = jnp.take_along_axis(
+            outputs, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+        start = _zero_initial(layer.cell, batch, layer.features, outputs.dtype) if (
+            carry is None) else carry.astype(outputs.dtype)
+        last = jnp.where((lengths > 0)[:, None], at_last, start)
+    if layer.reverse:
+        outputs = jnp.flip(outputs, 1) if lengths is None else cells.reverse_sequences(
+            outputs, lengths)
+    return outputs, last
+
+
+# ----------------------------------------------------------------------------------------
+# Building the layers from the exported arrays.
+
+
+def _kernel_and_mask(leaf: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A stored kernel as a dense (in, out) array (pruned entries zero) and its boolean mask.
+
+    On the host in NumPy: `bsc.to_dense` is jittable JAX, and run eagerly its half-dozen
+    ops per kernel cost more than the rest of `load`.
+    """
+    if not isinstance(leaf, BlockSparseMatrix):
+        leaf = np.asarray(leaf)
+        return leaf.astype(dtype), np.ones(leaf.shape, bool)
+    (n_in, n_out), (bh, bw), (nbr, nbc) = leaf.shape, leaf.block_shape, leaf.grid_shape
+    cols = np.repeat(np.arange(nbc), np.diff(np.asarray(leaf.col_ptr)))
+    rows = np.asarray(leaf.row_indices)
+    blocks = np.zeros((nbr, nbc, bh, bw), dtype)
+    blocks[rows, cols] = np.asarray(leaf.values).astype(dtype)
+    keep = np.zeros((nbr, nbc), bool)
+    keep[rows, cols] = True
+    kernel = blocks.transpose(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)[:n_in, :n_out]
+    mask = np.kron(keep, np.ones((bh, bw), bool))[:n_in, :n_out]
+    return kernel, mask
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    """Floating leaves (block values included) in `dtype`, as device arrays."""
+
+    def cast(a: Any) -> Any:
+        a = np.asarray(a)
+        return jnp.asarray(a.astype(dtype) if np.issubdtype(a.dtype, np.floating)
+                           or a.dtype == ml_dtypes.bfloat16 else a)
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def _linear(params: dict, impl: str, dtype: Any) -> Linear:
+    kernel = params["kernel"]
+    if impl == "dense" and isinstance(kernel, BlockSparseMatrix):
+        kernel = _kernel_and_mask(kernel, np.asarray(kernel.values).dtype)[0]
+    bias = params.get("bias")
+    return Linear(_cast(kernel, dtype), None if bias is None else _cast(bias, dtype),
+                  _kernel_impl(impl))
+
+
+def _kernel_impl(impl: str) -> str | None:
+    return None if impl in ("auto", "dense") else impl
+
+
+def _recurrent(params: dict, cell: str, impl: str, dtype: Any, reverse: bool = False
+               ) -> Recurrent:
+    gates = cells.GATES[cell]
+    names = [f"{kind}_{g}" for kind in ("input", "recurrent") for g in gates]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"a {cell} layer needs {names}; the file lacks {missing}")
+    dense = {n: dict(zip(("kernel", "mask"), _kernel_and_mask(params[n]["kernel"], dtype),
+                         strict=True)) for n in names}
+    layer_params = {n: {"kernel": dense[n]["kernel"], "bias": np.asarray(params[n]["bias"])}
+                    for n in names}
+    layer_masks = {n: {"kernel": dense[n]["mask"]} for n in names}
+    features = layer_params[names[0]]["kernel"].shape[1]
+    recurrent_kernels = [params[f"recurrent_{g}"]["kernel"] for g in gates]
+    block_shapes = {k.block_shape for k in recurrent_kernels
+                    if isinstance(k, BlockSparseMatrix)}
+    sparse_ok = (impl != "dense" and cell in _KERNEL_CELLS and len(block_shapes) == 1
+                 and all(isinstance(k, BlockSparseMatrix) for k in recurrent_kernels))
+    if not sparse_ok:
+        return Recurrent(None, _cast(layer_params, dtype), jax.tree_util.tree_map(
+            jnp.asarray, layer_masks), cell, features, reverse)
+    build = _KERNEL_CELLS[cell][0]
+    weights = build(layer_params, layer_masks, block_shapes.pop(), dtype=dtype)
+    if cell == "gru":
+        weights = dataclasses.replace(weights, ell_feat=None, ell_values=None)
+    return Recurrent(jax.tree_util.tree_map(jnp.asarray, weights), None, None, cell, features,
+                     reverse, _kernel_impl(impl))
+
+
+def _compute_dtype(dtype: Any, stored: np.dtype) -> np.dtype:
+    if dtype is not None:
+        return export._DTYPES[dtype] if isinstance(dtype, str) else np.dtype(dtype)
+    return np.dtype(np.float32) if jax.default_backend() == "cpu" else stored
+
+
+def _stored_dtype(params: dict) -> np.dtype:
+    for leaf in jax.tree_util.tree_leaves(params):
+        if np.issubdtype(np.asarray(leaf).dtype, np.floating) or leaf.dtype == ml_dtypes.bfloat16:
+            return np.asarray(leaf).dtype
+    return np.dtype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# The two models.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LMWeights:
+    """A language model's layers: embedding (V, E), recurrent layers, softmax (or tied)."""
+
+    embedding: jax.Array
+    layers: tuple[Recurrent, ...]
+    output: Linear | None
+
+
+def lm_forward(weights: LMWeights, tokens: jax.Array, carry: Any = None
+               ) -> tuple[jax.Array, tuple]:
+    """tokens (B, T) int -> logits (B, T, V) float32 and the new carry (one per layer),
+    like `bsrnn.models.lm.Model` (without dropout)."""
+    x = jnp.take(weights.embedding, tokens, axis=0)
+    carry = (None,) * len(weights.layers) if carry is None else carry
+    new_carry = []
+    for layer, c in zip(weights.layers, carry, strict=True):
+        x, c = recurrent(layer, x, c)
+        new_carry.append(c)
+    logits = (jnp.dot(x, weights.embedding.T) if weights.output is None
+              else linear(weights.output, x))
+    return logits.astype(jnp.float32), tuple(new_carry)
+
+
+def sample_tokens(
+    forward: Callable, weights: Any, prompt: jax.Array, carry: Any, noise: jax.Array,
+    temperature: float,
+) -> jax.Array:
+    """Sampling, the state carried from step to step, all in one `lax.scan`.
+
+    Args:
+      forward: `(weights, tokens (B, T), carry) -> (logits (B, T, V), carry)`.
+      weights: its first argument.
+      prompt: (B, P) token ids, P >= 1, read first; the samples continue them.
+      carry: the carry before the prompt (None: zeros).
+      noise: (N, B, V) standard Gumbel noise, one row per sampled token.
+      temperature: > 0 samples softmax(logits / temperature) (Gumbel-max: the argmax of
+        logits / temperature + noise); 0 takes the most likely token.
+
+    Returns:
+      (B, N) sampled token ids.
+    """
+    logits, carry = forward(weights, prompt, carry)
+
+    def step(state, g):
+        logits, carry = state
+        scores = logits if temperature == 0 else logits / temperature + g
+        token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        logits, carry = forward(weights, token[:, None], carry)
+        return (logits[:, -1], carry), token
+
+    _, tokens = jax.lax.scan(step, (logits[:, -1], carry), noise)
+    return tokens.T
+
+
+class LanguageModel:
+    """An exported language model (`load`); the vocabulary comes with it.
+
+    Attributes:
+      weights: the `LMWeights` (pass them to `lm_forward` yourself to jit your own loop).
+      sampler: `sample_tokens` of this model, jitted (`sample_ids` calls it).
+      vocab: the `bsrnn.data.Vocabulary`.
+      unit: "char" or "word".
+      info: the file's model description (`bsrnn.export.model_info`).
+    """
+
+    def __init__(self, weights: LMWeights, info: dict):
+        self.weights = weights
+        self.info = info
+        self.vocab = data.Vocabulary(tuple(info["vocab"]["tokens"]), info["vocab"]["unk"])
+        self.unit = info.get("unit", "char")
+        self.cell = info["kwargs"].get("cell", "gru")
+        self.features = int(info["kwargs"].get("features", 256))
+        self._forward = jax.jit(lm_forward)
+        # (weights, prompt, carry, noise, *, temperature) -> ids: `sample_tokens`, jitted.
+        self.sampler = jax.jit(functools.partial(sample_tokens, lm_forward),
+                               static_argnames="temperature")
+
+    def __call__(self, tokens: Any, carry: Any = None) -> tuple[jax.Array, tuple]:
+        """tokens (B, T) int -> logits (B, T, V) float32 and the carry after them."""
+        return self._forward(self.weights, jnp.asarray(tokens, jnp.int32), carry)
+
+    def initial_carry(self, batch_size: int) -> tuple:
+        """Zero carries of every layer for `batch_size` rows."""
+        dtype = self.weights.embedding.dtype
+        return tuple(_zero_initial(self.cell, batch_size, self.features, dtype)
+                     for _ in self.weights.layers)
+
+    def apply(self, variables: dict, tokens: jax.Array, carry: Any = None) -> Any:
+        """The Flax model's interface (`variables["params"]` are `LMWeights`), so that
+        `bsrnn.train.evaluate` scores the exported model exactly as it scores a run's."""
+        return lm_forward(variables["params"], tokens, carry)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Text -> (N,) ids: characters, or whitespace-separated words (newline: <eos>)."""
+        if self.unit == "word":
+            tokens = text.replace("\n", f" {data.text.EOS} ").split()
+        else:
+            tokens = [data.text.EOS if c == "\n" and "\n" not in self.vocab.tokens else c
+                      for c in text]
+        try:
+            return self.vocab.encode(tokens)
+        except ValueError as e:
+            raise ValueError(f"the prompt has a token this model never saw: {e}") from None
+
+    def decode(self, ids: Any) -> str:
+        """(N,) ids -> text (<eos> becomes a newline)."""
+        tokens = ["\n" if t == data.text.EOS else t for t in self.vocab.decode(ids)]
+        if self.unit == "word":
+            return " ".join(tokens).replace(" \n ", "\n").replace(" \n", "\n")
+        return "".join(tokens)
+
+    def default_prompt(self) -> str:
+        """What sampling starts from when no prompt is given: a line break."""
+        return "\n"
+
+    def sample_ids(self, length: int, *, temperature: float = 1.0, prompt: str = "",
+                   seed: int = 0, batch_size: int = 1) -> np.ndarray:
+        """(batch_size, length) sampled ids after `prompt` (default: a line break)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        ids = self.encode(prompt or self.default_prompt())
+        if ids.size == 0:
+            raise ValueError("the prompt encodes to no token; give at least one")
+        prompt_ids = jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (batch_size, ids.size))
+        noise = jax.random.gumbel(jax.random.key(seed), (length, batch_size, len(self.vocab)))
+        return np.asarray(self.sampler(self.weights, prompt_ids, None, noise,
+                                       temperature=float(temperature)))
+
+    def sample(self, length: int, *, temperature: float = 1.0, prompt: str = "",
+               seed: int = 0) -> str:
+        """`length` tokens sampled after `prompt`, as text (the prompt not included)."""
+        return self.decode(self.sample_ids(length, temperature=temperature, prompt=prompt,
+                                           seed=seed)[0])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DS2Weights:
+    """A DS2 model's layers (see `bsrnn.models.ds2`)."""
+
+    conv: tuple[dict, ...]
+    layers: tuple[tuple[Recurrent, ...], ...]  # per depth: (fwd,) or (fwd, bwd)
+    row_conv: Any
+    fc: Linear
+    output: Linear
+    conv_kernels: tuple[tuple[int, int], ...] = _static()
+    conv_strides: tuple[tuple[int, int], ...] = _static()
+
+
+def ds2_forward(weights: DS2Weights, features: jax.Array, lengths: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """features (B, T, F), lengths (B,) -> logits (B, T', C) float32 (zero past each output
+    length) and the output lengths, like `bsrnn.models.ds2.Model`."""
+    x = features[..., None].astype(weights.fc.bias.dtype)
+    for params, (kt, kf), stride in zip(weights.conv, weights.conv_kernels,
+                                        weights.conv_strides, strict=True):
+        conv = nn.Conv(params["kernel"].shape[-1], (kt, kf), stride,
+                       padding=(((kt - 1) // 2, kt // 2), ((kf - 1) // 2, kf // 2)))
+        x = conv.apply({"params": params}, x)
+        lengths = ds2.output_lengths(lengths, [stride[0]])
+        x = ds2._zero_padding(ds2.clipped_relu(x), lengths)
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    for depth in weights.layers:
+        x = jnp.concatenate([recurrent(layer, x, None, lengths)[0] for layer in depth], -1)
+    if weights.row_conv is not None:
+        context = weights.row_conv["kernel"].shape[0] - 1
+        x = ds2._zero_padding(ds2.RowConv(context).apply({"params": weights.row_conv}, x),
+                              lengths)
+    x = ds2.clipped_relu(linear(weights.fc, x))
+    return ds2._zero_padding(linear(weights.output, x).astype(jnp.float32), lengths), lengths
+
+
+class SpeechModel:
+    """An exported DS2 acoustic model (`load`), its CTC alphabet and feature normalisation.
+
+    Attributes:
+      weights: the `DS2Weights`.
+      vocab: the CTC `bsrnn.data.Vocabulary` (blank at 0).
+      info: the file's model description (`bsrnn.export.model_info`).
+    """
+
+    pad_multiple = 64  # frames are padded to a multiple of this (fewer shapes to compile)
+
+    def __init__(self, weights: DS2Weights, info: dict):
+        self.weights = weights
+        self.info = info
+        self.vocab = data.Vocabulary(tuple(info["vocab"]["tokens"]), info["vocab"]["unk"])
+        features = info.get("features") or {}
+        self.feature_kind = features.get("kind", "mfc")
+        self.num_mels = int(features.get("num_mels", data.speech.MFC_DIM))
+        self.stats = data.FeatureStats(np.asarray(features.get("mean", 0.0), np.float32),
+                                       np.asarray(features.get("std", 1.0), np.float32))
+        self._decode = jax.jit(self._logits_and_labels)
+
+    def __call__(self, features: Any, lengths: Any) -> tuple[jax.Array, jax.Array]:
+        """Normalised features (B, T, F), lengths (B,) -> logits (B, T', C), lengths (B,)."""
+        return jax.jit(ds2_forward)(self.weights, jnp.asarray(features), jnp.asarray(lengths))
+
+    def apply(self, variables: dict, features: jax.Array, lengths: jax.Array) -> Any:
+        """The Flax model's interface (`variables["params"]` are `DS2Weights`), for
+        `bsrnn.train.evaluate`."""
+        return ds2_forward(variables["params"], features, lengths)
+
+    def _logits_and_labels(self, weights, features, lengths):
+        logits, out_lengths = ds2_forward(weights, features, lengths)
+        return ctc.greedy_decode(logits, out_lengths)
+
+    def read_features(self, path: str | os.PathLike) -> np.ndarray:
+        """A `.mfc` or `.wav` file as this model's normalised (T, F) features."""
+        suffix = Path(path).suffix.lower()
+        if suffix == ".mfc":
+            if self.feature_kind != "mfc":
+                raise ValueError(f"{path}: this model reads log-mel features of .wav files, "
+                                 "not Sphinx cepstra; pass .wav files")
+            features = data.read_mfc(path)
+        elif suffix == ".wav":
+            if self.feature_kind != "log_mel":
+                raise ValueError(
+                    f"{path}: this model was trained on AN4's Sphinx cepstra (.mfc), which "
+                    "bsrnn cannot compute from audio; pass the .mfc files of the recordings")
+            samples, rate = data.read_wav(path)
+            features = data.log_mel_spectrogram(samples, rate, num_mels=self.num_mels)
+        else:
+            raise ValueError(f"{path}: expected a .mfc or .wav file")
+        return data.normalize(features, self.stats)
+
+    def transcribe_features(self, features: Sequence[np.ndarray]) -> list[str]:
+        """Greedy CTC transcripts of normalised (T_i, F) feature arrays, one batch."""
+        padded, lengths = data.pad_sequences(list(features), multiple=self.pad_multiple)
+        labels, counts = self._decode(self.weights, jnp.asarray(padded), jnp.asarray(lengths))
+        return ["".join(self.vocab.decode(seq))
+                for seq in ctc.decoded_sequences(labels, counts)]
+
+    def transcribe(self, paths: Sequence[str | os.PathLike]) -> list[str]:
+        """The greedy CTC transcript of each `.mfc` / `.wav` file."""
+        return self.transcribe_features([self.read_features(p) for p in paths])
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _check_info(path: Any, info: dict | None) -> dict:
+    if info is None:
+        raise ValueError(
+            f"{path} holds weights only (no model description): it was written by "
+            "bsrnn.export.save_npz without model=, or by an older bsrnn. Export the run "
+            "with `python -m bsrnn.export --workdir=<its workdir>`.")
+    name, cell = info.get("name"), info.get("kwargs", {}).get("cell")
+    if name not in MODEL_NAMES:
+        raise ValueError(f"{path} holds a model of kind {name!r}, which this build of bsrnn "
+                         f"does not know (it knows {MODEL_NAMES}); upgrade bsrnn.")
+    if cell not in cells.GATES:
+        raise ValueError(f"{path} holds a {name} model with cell {cell!r}, which this build of "
+                         f"bsrnn does not know (it knows {tuple(cells.GATES)}); upgrade bsrnn.")
+    return info
+
+
+def masked_dense(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The Flax model an export describes, and its variables: the masked dense model.
+
+    Returns:
+      (`bsrnn.models.<name>.Model(**kwargs)`, {"params": ..., "masks": ...}), every kernel
+      dense in float32 and every mask the model has (block-sparse kernels' masks rebuilt from
+      their stored blocks, the others all True). `model.apply(variables, ...)` gives the
+      logits `load(path)` gives, up to rounding.
+    """
+    from bsrnn import models
+
+    params, info, _ = export.load_file(path)
+    info = _check_info(path, info)
+    model = models.model_module(info["name"]).Model(**info["kwargs"])
+    if info["name"] == "lm":
+        example = (jnp.zeros((1, 1), jnp.int32),)
+    else:
+        width = int((info.get("features") or {}).get("num_mels", data.speech.MFC_DIM))
+        example = (jnp.zeros((1, 16, width)), jnp.ones((1,), jnp.int32))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *example)
+    flat = export._flatten(params)
+    dense, masks = {}, {}
+    for key, leaf in flat.items():
+        dense[key] = _kernel_and_mask(leaf, np.float32)[0] if isinstance(
+            leaf, BlockSparseMatrix) else np.asarray(leaf, np.float32)
+    for key in export._flatten(abstract["masks"]):
+        masks[key] = _kernel_and_mask(flat[key], np.float32)[1]
+    return model, {"params": export._unflatten(dense), "masks": export._unflatten(masks)}
+
+
+def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None
+         ) -> LanguageModel | SpeechModel:
+    """Loads an exported model (`bsrnn.export`, e.g. a run's `<workdir>/model.npz`).
+
+    Args:
+      path: the `.npz` file.
+      impl: "auto" (block-sparse kernels where the file stores block-sparse kernels, with
+        the kernels' default implementation for this backend), "dense" (every layer masked
+        dense: the baseline), or an implementation of `bsrnn.kernels` ("xla", "pallas",
+        "pallas_interpret") forced for every sparse kernel.
+      dtype: computation dtype ("float32", "float16", "bfloat16"); default float32 on CPUs
+        (half precision is emulated there) and the file's dtype elsewhere.
+
+    Returns:
+      A `LanguageModel` or a `SpeechModel`.
+
+    Raises:
+      ValueError: naming the file, if it is not a readable bsrnn export (see
+        `bsrnn.export.load_file`) or holds a model kind or cell this build does not know.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    params, info, _ = export.load_file(path)
+    info = _check_info(path, info)
+    kwargs = info["kwargs"]
+    dtype = _compute_dtype(dtype, _stored_dtype(params))
+    cell = kwargs.get("cell", "gru")
+    try:
+        if info["name"] == "lm":
+            layers = tuple(_recurrent(params[f"layer_{i}"], cell, impl, dtype)
+                           for i in range(int(kwargs.get("num_layers", 1))))
+            output = None if kwargs.get("tie_embeddings") else _linear(
+                params["output"], impl, dtype)
+            weights = LMWeights(_cast(params["embed"]["embedding"], dtype), layers, output)
+            return LanguageModel(weights, info)
+        rnn = params["rnn"]
+        suffixes = ("_fwd", "_bwd") if kwargs.get("bidirectional", True) else ("",)
+        layers = tuple(
+            tuple(_recurrent(rnn[f"layer_{i}{s}"], cell, impl, dtype, reverse=s == "_bwd")
+                  for s in suffixes)
+            for i in range(int(kwargs.get("num_layers", 3))))
+        num_conv = len(kwargs.get("conv_features", (32, 32)))
+        weights = DS2Weights(
+            conv=tuple(_cast(params[f"conv_{i}"], dtype) for i in range(num_conv)),
+            layers=layers,
+            row_conv=_cast(params["row_conv"], dtype) if "row_conv" in params else None,
+            fc=_linear(params["fc"], impl, dtype),
+            output=_linear(params["output"], impl, dtype),
+            conv_kernels=tuple(tuple(int(k) for k in ks) for ks in kwargs["conv_kernels"]),
+            conv_strides=tuple(tuple(int(s) for s in ss) for ss in kwargs["conv_strides"]),
+        )
+        return SpeechModel(weights, info)
+    except KeyError as e:
+        raise ValueError(f"{path}: the {info['name']} model it describes needs the array "
+                         f"{e}, which the file lacks; export the run again") from None

@@ -1,0 +1,227 @@
+"""Training time of P3's block-diagonal recurrent layers run as G independent products
+against the masked dense layer with the same params and masks.
+
+Baseline: ``bsrnn.cells.RecurrentLayer(cell, H, recurrent_mask_init=block_diagonal(G))``, the
+masked dense layer (every step one dense (B, H) @ (H, gates·H) product; the mask only zeroes
+weights). Ours: ``RecurrentLayer(cell, H, recurrent_modules=G)``, the same params and masks,
+each step G products (B, H/G) @ (H/G, gates·H/G) (a batched einsum). The input kernels stay
+dense in both. G = 1 runs the same code twice (the ratio is the noise).
+
+Timed, per cell and G, interleaved in one process (median of ``--repeats`` after warm-up),
+each one jitted call:
+
+* ``layer``: forward and backward of the layer (gradients of a random projection of the
+  outputs w.r.t. the params and the inputs), T steps, inputs of width D = H;
+* ``input projection``: forward and backward of the layer's input product alone
+  (x @ W_i + b_i of all steps, the same dense work in both), so that ``recurrent``,
+  ``layer - input projection``, is the time of the recurrence itself;
+* ``products``: the recurrent products alone, forward, T steps of
+  h <- tanh((h @ W_h)[first H columns]) in a ``lax.scan`` (``bsrnn.cells.recurrent_product``
+  on the dense (H, gates·H) kernel against the (G, H/G, gates·H/G) blocks): the most the
+  layer can gain, the rest of a step (gate math, the scan's stores) costing the same in both;
+* ``train step``: a whole optimizer step of the layer on a mean squared error (Adam and
+  ``keep_masked``, as P3's ``structural`` method).
+
+The first output row checks that the two compute the same numbers on this device (largest
+difference of the outputs, at the default matmul precision).
+
+    python experiments/bench/block_diagonal.py --hidden=512 --steps=32 --repeats=5   # CPU
+    python experiments/bench/block_diagonal.py --unroll=8 --json=bd_h200.json \\
+        --markdown=bd_h200.md                                                     # H200
+
+The GPU defaults are issue 14's target shape: H = 2048, batch 32, G = 1, 2, 4, 8, 16, GRU and
+LSTM (target: G = 8's recurrent time >= 3x lower than dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bsrnn import blocks, cells, pruning
+
+
+def layer_grad(layer: cells.RecurrentLayer, variables: Any, x: jax.Array,
+               cotangent: jax.Array) -> Callable[[], Any]:
+    """A jitted forward + backward of ``layer``: the thunk returns the gradients."""
+
+    @jax.jit
+    def grads(params, masks, x):
+        def loss(params, x):
+            y, _ = layer.apply({"params": params, "masks": masks}, x)
+            return jnp.sum(y * cotangent)
+
+        return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    return functools.partial(grads, variables["params"], variables["masks"], x)
+
+
+def projection_grad(cell: str, x: jax.Array, hidden: int) -> Callable[[], Any]:
+    """Forward + backward of the input product of all steps, x (B, T, D) @ (D, gates·H)."""
+    width = len(cells.GATES[cell]) * hidden
+    w = jax.random.normal(jax.random.key(2), (x.shape[-1], width)) / np.sqrt(x.shape[-1])
+    b = jnp.zeros((width,))
+    cotangent = jax.random.normal(jax.random.key(3), (*x.shape[:2], width))
+
+    @jax.jit
+    def grads(w, b, x):
+        return jax.grad(lambda w, b, x: jnp.sum((jnp.dot(x, w) + b) * cotangent),
+                        argnums=(0, 1, 2))(w, b, x)
+
+    return functools.partial(grads, w, b, x)
+
+
+def product_scan(cell: str, hidden: int, modules: int, batch: int,
+                 steps: int) -> Callable[[], Any]:
+    """T steps of the recurrent product alone (see the module docstring), dense for
+    ``modules=1``, else G blocks."""
+    width = len(cells.GATES[cell]) * hidden // modules
+    shape_h, shape_w = (batch, hidden), (hidden, width)
+    if modules > 1:
+        shape_h, shape_w = (modules, batch, hidden // modules), (modules, hidden // modules, width)
+    h = jax.random.normal(jax.random.key(4), shape_h)
+    w = jax.random.normal(jax.random.key(5), shape_w) / np.sqrt(shape_w[-2])
+
+    @jax.jit
+    def run(h, w):
+        def step(h, _):
+            return jnp.tanh(cells.recurrent_product(h, w)[..., : h.shape[-1]]), None
+
+        return jax.lax.scan(step, h, None, length=steps)[0]
+
+    return functools.partial(run, h, w)
+
+
+def train_step(layer: cells.RecurrentLayer, variables: Any, x: jax.Array,
+               target: jax.Array) -> Callable[[], Any]:
+    """A jitted Adam + ``keep_masked`` step on ``mean((layer(x) - target)²)``; the thunk
+    runs one step and keeps the new state for the next call."""
+    tx = optax.chain(optax.adam(1e-4), pruning.keep_masked())
+    masks = variables["masks"]
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state):
+        def loss(params):
+            y, _ = layer.apply({"params": params, "masks": masks}, x)
+            return jnp.mean((y - target) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, masks=masks)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    params = jax.tree_util.tree_map(jnp.copy, variables["params"])
+    state = [params, tx.init(params)]
+
+    def run():
+        state[0], state[1], value = step(*state)
+        return value
+
+    return run
+
+
+def median_times(thunks: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each thunk: two warm-up calls each (compiles), then
+    ``repeats`` rounds that call every thunk once, so drift hits all alike."""
+    for thunk in thunks.values():
+        for _ in range(2):
+            jax.block_until_ready(thunk())
+    times = {name: [] for name in thunks}
+    for _ in range(repeats):
+        for name, thunk in thunks.items():
+            start = time.perf_counter()
+            jax.block_until_ready(thunk())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench(cell: str, modules: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The timings of one (cell, G) pair; see the module docstring."""
+    kx, kc, kt = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (args.batch, args.steps, args.hidden))
+    cotangent = jax.random.normal(kc, (args.batch, args.steps, args.hidden))
+    target = jax.random.normal(kt, (args.batch, args.steps, args.hidden))
+    common = dict(cell=cell, features=args.hidden, unroll=args.unroll)
+    dense = cells.RecurrentLayer(recurrent_mask_init=blocks.block_diagonal(modules), **common)
+    ours = cells.RecurrentLayer(recurrent_modules=modules, **common)
+    variables = jax.jit(dense.init)(jax.random.key(1), x)
+    y_dense, _ = jax.jit(dense.apply)(variables, x)
+    y_ours, _ = jax.jit(ours.apply)(variables, x)
+    max_diff = float(jnp.max(jnp.abs(y_dense - y_ours)))
+    times = median_times({
+        "dense layer": layer_grad(dense, variables, x, cotangent),
+        "ours layer": layer_grad(ours, variables, x, cotangent),
+        "input projection": projection_grad(cell, x, args.hidden),
+        "dense products": product_scan(cell, args.hidden, 1, args.batch, args.steps),
+        "ours products": product_scan(cell, args.hidden, modules, args.batch, args.steps),
+        "dense step": train_step(dense, variables, x, target),
+        "ours step": train_step(ours, variables, x, target),
+    }, args.repeats)
+    proj = times["input projection"]
+    return {
+        "cell": cell, "modules": modules, "max_abs_diff": max_diff,
+        **{f"{k.replace(' ', '_')}_s": v for k, v in times.items()},
+        "dense_recurrent_s": times["dense layer"] - proj,
+        "ours_recurrent_s": times["ours layer"] - proj,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default="gru,lstm")
+    parser.add_argument("--modules", default="1,2,4,8,16", help="the G to run")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64, help="sequence length T")
+    parser.add_argument("--unroll", type=int, default=1, help="lax.scan unroll (GPU: 8)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--markdown", default=None, help="write the table here")
+    args = parser.parse_args()
+
+    device = jax.devices()[0]
+    header = (
+        f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"flax {flax.__version__}, optax {optax.__version__}, python "
+        f"{platform.python_version()}\nH={args.hidden} B={args.batch} T={args.steps} "
+        f"D={args.hidden} unroll={args.unroll} repeats={args.repeats} float32, default "
+        "matmul precision; ms are medians; ratio = dense / ours"
+    )
+    lines = [header, "",
+             "| cell | G | layer fwd+bwd dense / ours (ms) | ratio | recurrent dense / ours (ms) "
+             "| ratio | products fwd dense / ours (ms) | ratio | train step dense / ours (ms) "
+             "| ratio | max abs diff y |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    rows = []
+    for cell in args.cells.split(","):
+        for modules in (int(g) for g in args.modules.split(",")):
+            r = bench(cell, modules, args)
+            rows.append(r)
+            cols = []
+            for kind in ("layer", "recurrent", "products", "step"):
+                d, o = r[f"dense_{kind}_s"], r[f"ours_{kind}_s"]
+                cols += [f"{d * 1e3:.2f} / {o * 1e3:.2f}", f"{d / o:.2f}"]
+            lines.append(f"| {cell} | {modules} | {' | '.join(cols)} | {r['max_abs_diff']:.1e} |")
+            print(lines[-1], flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "args": vars(args), "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
