@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsrnn import cells
-from bsrnn.kernels import autotune, recurrence_pallas
+from bsrnn.kernels import autotune, pallas_gpu, recurrence_pallas
 from bsrnn.kernels.bsc import BlockSparseMatrix, dense_kernel, from_dense
 from bsrnn.kernels.xla import bsc_matmul_xla
 
@@ -192,7 +192,7 @@ def _ell_arrays(w_h: BlockSparseMatrix, hidden: int) -> tuple[np.ndarray, np.nda
     (bh, bw), (_, nbc) = w_h.block_shape, w_h.grid_shape
     col_ptr, row_idx = np.asarray(w_h.col_ptr), np.asarray(w_h.row_indices)
     values = np.asarray(w_h.values)
-    k = recurrence_pallas.next_pow2(max(1, int(np.diff(col_ptr).max(initial=0))) * bh)
+    k = pallas_gpu.next_pow2(max(1, int(np.diff(col_ptr).max(initial=0))) * bh)
     feat = np.zeros((nbc, k), np.int32)
     panel = np.zeros((nbc, k, bw), values.dtype)
     for j in range(nbc):

@@ -50,35 +50,22 @@ from jax.experimental.pallas import triton as plgpu
 
 from bsrnn import cells
 from bsrnn.kernels.bsc import BlockSparseMatrix
+from bsrnn.kernels.pallas_gpu import (
+    acc_init,
+    acc_result,
+    accumulate,
+    column_walk,
+    launch_config,
+)
 
 Layout = Literal["bsc", "ell"]
 Compute = Literal["fma", "dot"]
 
-_FMA_ACC_ELEMENTS = 8192  # TM * R * bw_pad of the "fma" accumulator
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _launch_config(batch, bw, compute, rows_per_step, max_tm, k_ell):
-    """(compute, tm, bw_pad, rows_per_step) defaults shared by both kernels."""
-    if compute is None:
-        compute = "fma" if batch <= 4 else "dot"
-    if compute == "fma":
-        tm, bw_pad = next_pow2(batch), next_pow2(bw)
-        rows = rows_per_step or min(256, max(1, _FMA_ACC_ELEMENTS // (tm * bw_pad)))
-    elif compute == "dot":
-        tm, bw_pad = min(max(16, next_pow2(batch)), max_tm), max(16, next_pow2(bw))
-        rows = rows_per_step or 64
-    else:
-        raise ValueError(f'compute must be "fma" or "dot", got {compute!r}')
-    if rows & (rows - 1):
-        raise ValueError(f"rows_per_step must be a power of two, got {rows}")
-    if k_ell is not None:
-        rows = min(rows, k_ell)
-    return compute, tm, bw_pad, rows
+def _launch_config(batch, bw, dtype, compute, rows_per_step, max_tm, k_ell):
+    """`pallas_gpu.launch_config` (the one set of launch defaults), panel rows per step
+    capped at the ell width K."""
+    compute, tm, bw_pad, rows = launch_config(batch, bw, dtype, compute, rows_per_step, max_tm)
+    return compute, tm, bw_pad, rows if k_ell is None else min(rows, k_ell)
 
 
 class _Cfg:
@@ -92,56 +79,36 @@ def _gate_acc(cfg, w_refs, hbuf_ref, h_rows, m_ok, c_ok, jj, hold=None):
     """float32 (tm, bw_pad) accumulator of h_t @ (block column jj of W_h)."""
     c = jnp.arange(cfg.bw_pad, dtype=jnp.int32)
     rows_per_step = cfg.rows_per_step
-    load_h = functools.partial(plgpu.load, other=0, volatile=cfg.h_volatile)
 
-    def product(xg, wv, acc):
-        if cfg.compute == "fma":
-            return acc + xg.astype(jnp.float32)[:, :, None] * wv.astype(jnp.float32)[None]
-        return acc + jnp.dot(xg, wv, preferred_element_type=jnp.float32,
-                             precision=cfg.precision)
-
-    if cfg.compute == "fma":
-        acc0 = jnp.zeros((cfg.tm, rows_per_step, cfg.bw_pad), jnp.float32)
-    else:
-        acc0 = jnp.zeros((cfg.tm, cfg.bw_pad), jnp.float32)
-
-    def finish(acc):
-        return acc.sum(axis=1) if cfg.compute == "fma" else acc
-
-    if hold is not None:  # "ell" chunks (features (R,), panel (R, bw_pad)) in registers
-        acc = acc0
-        for feat, wv in hold:  # straight-line code: every chunk's gather can be in flight
-            xg = load_h(hbuf_ref.at[h_rows[:, None], feat[None, :]], mask=m_ok[:, None])
-            acc = product(xg.astype(cfg.dtype), wv, acc)
-        return finish(acc)
+    def gather(feat, ok):
+        return plgpu.load(hbuf_ref.at[h_rows[:, None], feat[None, :]],
+                          mask=m_ok[:, None] & ok[None, :], other=0, volatile=cfg.h_volatile)
 
     if cfg.layout == "bsc":
         col_ptr_ref, row_idx_ref, panel_ref = w_refs
-        start = col_ptr_ref[jj] * cfg.bh
-        stop = col_ptr_ref[jj + 1] * cfg.bh
-        n_steps = (stop - start + rows_per_step - 1) // rows_per_step
-    else:
-        feat_ref, panel_ref = w_refs
-        start = jj * cfg.k_ell
-        n_steps = cfg.k_ell // rows_per_step
+        return column_walk(col_ptr_ref[jj] * cfg.bh, col_ptr_ref[jj + 1] * cfg.bh, row_idx_ref,
+                           panel_ref, gather, bh=cfg.bh, bw=cfg.bw, bw_pad=cfg.bw_pad,
+                           n_in=cfg.hidden, tm=cfg.tm, rows_per_step=rows_per_step,
+                           compute=cfg.compute, dtype=cfg.dtype, precision=cfg.precision)
+    everywhere = jnp.ones((rows_per_step,), bool)  # ell padding: feature 0, zero weights
+    acc = acc_init(cfg.compute, cfg.tm, rows_per_step, cfg.bw_pad)
+    if hold is not None:  # "ell" chunks (features (R,), panel (R, bw_pad)) in registers
+        for feat, wv in hold:  # straight-line code: every chunk's gather can be in flight
+            acc = accumulate(acc, gather(feat, everywhere).astype(cfg.dtype), wv, cfg.compute,
+                             cfg.precision)
+        return acc_result(acc, cfg.compute)
+    feat_ref, panel_ref = w_refs
+    start = jj * cfg.k_ell
 
     def step(i, acc):
         r = start + i * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
-        if cfg.layout == "bsc":
-            r_ok = r < stop
-            block_row = plgpu.load(row_idx_ref.at[r // cfg.bh], mask=r_ok, other=0)
-            feat = block_row * cfg.bh + r % cfg.bh
-            x_ok = m_ok[:, None] & (r_ok & (feat < cfg.hidden))[None, :]
-            w_ok = r_ok[:, None] & c_ok[None, :]
-        else:  # padding rows carry feature 0 and zero weights
-            feat = plgpu.load(feat_ref.at[r])
-            x_ok = m_ok[:, None]
-            w_ok = c_ok[None, :]
-        xg = load_h(hbuf_ref.at[h_rows[:, None], feat[None, :]], mask=x_ok).astype(cfg.dtype)
-        wv = plgpu.load(panel_ref.at[r[:, None], c[None, :]], mask=w_ok, other=0)
-        return product(xg, wv.astype(cfg.dtype), acc)
+        feat = plgpu.load(feat_ref.at[r])
+        wv = plgpu.load(panel_ref.at[r[:, None], c[None, :]], mask=c_ok[None, :], other=0)
+        return accumulate(acc, gather(feat, everywhere).astype(cfg.dtype),
+                          wv.astype(cfg.dtype), cfg.compute, cfg.precision)
 
-    return finish(jax.lax.fori_loop(0, n_steps, step, acc0))
+    acc = jax.lax.fori_loop(0, cfg.k_ell // rows_per_step, step, acc)
+    return acc_result(acc, cfg.compute)
 
 
 class _Tile:
@@ -293,7 +260,7 @@ def _common_cfg(xp, w_h, ell, hidden, layout, compute, rows_per_step, max_tm, ho
     if layout == "ell" and ell is None:
         raise ValueError('layout="ell" needs weights built with ell=True')
     k_ell = None if layout == "bsc" else ell[0].shape[-1]
-    compute, tm, bw_pad, rows = _launch_config(batch, bw, compute, rows_per_step,
+    compute, tm, bw_pad, rows = _launch_config(batch, bw, dtype, compute, rows_per_step,
                                                max_tm, k_ell)
     if hold and layout != "ell":
         raise ValueError('hold=True needs layout="ell"')
