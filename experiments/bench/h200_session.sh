@@ -7,7 +7,7 @@
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 BSRNN_AUTOTUNE_CACHE=$OUT/r/autotune.json
 R=$OUT/r; mkdir -p "$R"
 C=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 step() {  # limit, command...: run it, then pack what has come out so far
@@ -23,9 +23,9 @@ step 50 python3 experiments/bench/block_diagonal.py --unroll=8 --json=$R/bd_h200
 step 40 python3 experiments/bench/sparse_training.py --json=$R/st_h200.json --markdown=$R/st_h200.md
 step 140 python3 -W ignore experiments/bench/gru_sequence.py --cases gru:2560 \
   --blocks 16x16,32x32,4x4 --methods cudnn,dense,proj,auto,pallas,persist,mosaic \
-  --budget_s 125 --commit "$C" --json=$R/gru2560_h200.json --markdown=$R/gru2560_h200.md
+  --budget_s 125 --skip_canary --commit "$C" --json=$R/gru2560_h200.json --markdown=$R/gru2560_h200.md
 step 90 python3 -W ignore experiments/bench/gru_sequence.py --cases lstm:1500,gru:1760,rnn:1760 \
-  --blocks 16x16,4x4 --methods cudnn,dense,auto,pallas --budget_s 75 --commit "$C" \
+  --blocks 16x16,4x4 --methods cudnn,dense,auto,pallas --budget_s 75 --skip_canary --commit "$C" \
   --json=$R/seq_others_h200.json --markdown=$R/seq_others_h200.md
 step 60 python3 experiments/bench/end_to_end.py --json=$R/e2e_h200.json --markdown=$R/e2e_h200.md
 step 40 python3 experiments/bench/matmul.py --mode=gpu --budget_s 30 --commit "$C" \
