@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 BSRNN_AUTOTUNE_CACHE=$OUT/r/autotune.json
 R=$OUT/r; mkdir -p "$R"
-C=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+C=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 step() {  # limit, command...: run it, then pack what has come out so far
   local limit=$1; shift; echo "=== $(date +%T) $*"; timeout "$limit" "$@"; echo "=== rc $?"
   tar -czf "$OUT/results.tar.gz" -C "$OUT" r
