@@ -19,6 +19,7 @@ that device. Tests replace the timer with `using_timer` (no timing in tests).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -26,9 +27,11 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
+
+T = TypeVar("T")
 
 Timer = Callable[[Mapping[str, Callable[[], Any]]], Mapping[str, float]]
 
@@ -114,6 +117,41 @@ def is_concrete(tree: Any) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(tree))
 
 
+def outside_traces(fn: Callable[[], T]) -> T:
+    """``fn()`` run in a fresh thread, whose JAX trace state is its own: jitted code (the
+    candidates, a kernel's resource probe) compiles and runs there even while an outer
+    function is being traced. (``jax.ensure_compile_time_eval`` is no substitute: it
+    evaluates primitives one by one, which Pallas kernels cannot do, and so would time
+    eager op-by-op code.)"""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
+def _compile_and_time(
+    op_key: str,
+    candidates: Mapping[str, Callable[[], str | None]],
+    make: Callable[[str], Callable[[], Any]],
+) -> tuple[dict[str, str], dict[str, float]]:
+    """({skipped impl: reason}, {impl: seconds}) for the candidates that pass their check
+    and compile; raises if none does."""
+    skipped: dict[str, str] = {}
+    thunks: dict[str, Callable[[], Any]] = {}
+    for name, check in candidates.items():
+        try:
+            reason = check()
+            if reason is None:
+                thunk = make(name)
+                jax.block_until_ready(thunk())  # compiles; a failure skips the candidate
+                thunks[name] = thunk
+        except Exception as e:  # noqa: BLE001  (any failure removes the candidate)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        if reason is not None:
+            skipped[name] = reason
+    if not thunks:
+        raise RuntimeError(f"no implementation can run {op_key}: {skipped}")
+    return skipped, dict(_timer[0](thunks))
+
+
 def choose(
     op_key: str,
     candidates: Mapping[str, Callable[[], str | None]],
@@ -147,24 +185,8 @@ def choose(
                       f"{impl!r}. Call it once with concrete weights (outside jit, or closed "
                       "over) to measure.", stacklevel=3)
         return impl
-    skipped: dict[str, str] = {}
-    thunks: dict[str, Callable[[], Any]] = {}
-    with jax.ensure_compile_time_eval():
-        for name, check in candidates.items():
-            try:
-                reason = check()
-                if reason is None:
-                    thunk = make(name)
-                    jax.block_until_ready(thunk())  # compiles; a failure skips the candidate
-                    thunks[name] = thunk
-            except Exception as e:  # noqa: BLE001  (any failure removes the candidate)
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            if reason is not None:
-                skipped[name] = reason
-        if not thunks:
-            raise RuntimeError(f"no implementation can run {op_key}: {skipped}")
-        times = dict(_timer[0](thunks))
-    impl = min(thunks, key=lambda name: times[name])
+    skipped, times = outside_traces(lambda: _compile_and_time(op_key, candidates, make))
+    impl = min(times, key=times.get)
     decision = {"impl": impl, "times_s": times, "skipped": skipped}
     _decisions[op_key] = decision
     if path:

@@ -425,7 +425,7 @@ def _scan(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, unroll:
         w_dense = dense_kernel(weights.w_h).astype(xp.dtype)
 
         def product(h):
-            return jnp.dot(h, w_dense, preferred_element_type=jnp.float32)
+            return jnp.dot(h, w_dense)  # in the state dtype, as RecurrentLayer does
     else:
         def product(h):
             return bsc_matmul_xla(h, weights.w_h)

@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bsrnn import cells
+from bsrnn.kernels import autotune
 from bsrnn.kernels.bsc import BlockSparseMatrix
 from bsrnn.kernels.pallas_gpu import (
     acc_init,
@@ -386,13 +387,14 @@ def _probe(batch, three_h, dtype_name, w_h_meta, ell_meta, options) -> str | Non
     hidden = three_h // 3
     dtype = jnp.dtype(dtype_name)
     shape, block_shape, nnzb, ncol = w_h_meta
-    with jax.ensure_compile_time_eval():
+    steps = 2
+
+    def run_probe() -> str | None:
         w_h = BlockSparseMatrix(jnp.zeros((max(nnzb, 1), *block_shape), dtype),
                                 jnp.zeros((max(nnzb, 1),), jnp.int32),
                                 jnp.zeros((ncol + 1,), jnp.int32), shape, block_shape)
         ell = None if ell_meta is None else (jnp.zeros(ell_meta[:2], jnp.int32),
                                              jnp.zeros(ell_meta, dtype))
-        steps = 2
         opts = dict(options)
         try:
             programs = persistent_programs((steps, batch, three_h), w_h, ell, **opts)
@@ -406,10 +408,12 @@ def _probe(batch, three_h, dtype_name, w_h_meta, ell_meta, options) -> str | Non
             limit = next((ln for ln in lines if "RESOURCE" in ln or "limit" in ln.lower()
                           or "resources" in ln), lines[0] if lines else type(e).__name__)
             return f"{type(e).__name__}: {limit.strip()[:300]}"
-    if sync[1] or sync[0] != steps * programs:
-        return (f"its {programs} programs are not all resident at once (a probe's barrier "
-                f"gave up: sync {sync.tolist()})")
-    return None
+        if sync[1] or sync[0] != steps * programs:
+            return (f"its {programs} programs are not all resident at once (a probe's "
+                    f"barrier gave up: sync {sync.tolist()})")
+        return None
+
+    return autotune.outside_traces(run_probe)
 
 
 def persistent_unsupported(xp_shape: tuple[int, int, int], dtype, w_h, ell,
