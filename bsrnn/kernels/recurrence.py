@@ -544,6 +544,9 @@ def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any,
     if weights.cell == "gru":
         on_gpu = jax.default_backend() == "gpu"
         gpu = (lambda: None) if on_gpu else (lambda: "needs a GPU")
+        if on_gpu:  # the fused step kernel does xla's work in 1 launch per step, not 2-4,
+            # and was faster in every measured GPU cell (WORKSPACE.md): not worth compiling
+            candidates["xla"] = lambda: "the step kernel replaces it on GPUs"
         candidates["pallas"] = gpu
         candidates["persistent"] = (lambda: recurrence_pallas.persistent_unsupported(
             (steps, batch, 3 * weights.hidden), dtype, weights.w_h, weights.ell)) \
