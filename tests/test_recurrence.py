@@ -472,8 +472,10 @@ def test_auto_picks_the_faster_of_dense_and_sparse(cell, winner):
     build, run = SEQUENCE[cell]
     weights = build(params, masks, (8, 8))
     carry0 = _carry0(cell, h0, 17)
-    seconds = {"dense": 2.0, "xla": 3.0} if winner == "dense" else {"dense": 3.0, "xla": 1.0}
-    seconds.update(pallas=9.0, persistent=9.0, mosaic=9.0)
+    if ON_GPU and cell == "gru" and winner == "xla":
+        winner = "pallas"  # on a GPU the GRU's sparse scan candidate is the step kernel
+    seconds = dict(dense=2.0, xla=9.0, pallas=9.0, persistent=9.0, mosaic=9.0)
+    seconds.update({winner: 1.0})
     with kernels.autotune.using_timer(_fake_timer(seconds)):
         assert kernels.resolve_impl(weights, 3, 5, jnp.float32) == winner
         with jax.default_matmul_precision("highest"):

@@ -32,8 +32,9 @@ Checks: each method's output on a fresh input is compared with an fp32 HIGHEST-p
 `RecurrentLayer` on the same weights (relative L2 error over the whole (B, T, H) output); the
 persistent kernel's barrier counter is checked (every barrier completed, none gave up).
 
-    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 experiments/bench/gru_sequence.py \
-        --json=$OUT/gru_sequence.json --markdown=$OUT/gru_sequence.md --profile
+    XLA_PYTHON_CLIENT_PREALLOCATE=false BSRNN_AUTOTUNE_CACHE=$OUT/autotune.json PYTHONPATH=. \
+        python3 experiments/bench/gru_sequence.py --skip_canary --budget_s 220 \
+        --json=$OUT/gru_sequence.json --markdown=$OUT/gru_sequence.md
 """
 
 from __future__ import annotations
@@ -443,7 +444,8 @@ def main():
     p.add_argument("--skip_canary", action="store_true",
                    help="no persistent canary subprocess (the barrier check still runs)")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--budget_s", type=float, default=400)
+    p.add_argument("--budget_s", type=float, default=220,
+                   help="stop starting new measurements after this many seconds")
     p.add_argument("--canary_timeout_s", type=float, default=120)
     p.add_argument("--commit", default="")
     p.add_argument("--json", default="")
