@@ -140,6 +140,40 @@ def recurrent_product(h: jax.Array, w_h: jax.Array) -> jax.Array:
     return jnp.einsum("kbi,kic->kbc", h, w_h)
 
 
+def rnn_activation(cell: str, pre: jax.Array) -> jax.Array:
+    """The vanilla RNN's nonlinearity: tanh (``rnn``) or DS2's min(max(·, 0), 20)
+    (``rnn_clipped_relu``), elementwise on the pre-activation W_i x + b_i + W_h h + b_h."""
+    return jnp.tanh(pre) if cell == "rnn" else jnp.clip(pre, 0.0, 20.0)
+
+
+def gru_gates(
+    x_r: jax.Array, x_z: jax.Array, x_n: jax.Array,
+    h_r: jax.Array, h_z: jax.Array, h_n: jax.Array, h: jax.Array,
+) -> jax.Array:
+    """The GRU update h' from the gates' input parts x_· = W_i· x + b_i· and recurrent
+    parts h_· = W_h· h + b_h· (all (B, H)) and the old state h: r = σ(x_r + h_r),
+    z = σ(x_z + h_z), n = tanh(x_n + r ⊙ h_n), h' = (1 − z) ⊙ n + z ⊙ h.
+
+    The one implementation of the GRU equations: the scan cells and every kernel in
+    `bsrnn.kernels` (a Pallas kernel traces it on its tiles) call it.
+    """
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    return (1.0 - z) * n + z * h
+
+
+def lstm_gates(
+    i: jax.Array, f: jax.Array, g: jax.Array, o: jax.Array, c: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The LSTM update (h', c') from the gates' pre-activations i, f, g, o (each
+    W_i· x + b_i· + W_h· h + b_h·, (B, H)) and the old cell state c:
+    c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g), h' = σ(o) ⊙ tanh(c'). Shared by the scan cells and the
+    kernels, like `gru_gates`."""
+    new_c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return jax.nn.sigmoid(o) * jnp.tanh(new_c), new_c
+
+
 def cell_step(cell: str, carry: Carry, x_proj: jax.Array, w_h: jax.Array, b_h: jax.Array):
     """One time step of ``cell``.
 
@@ -159,20 +193,12 @@ def cell_step(cell: str, carry: Carry, x_proj: jax.Array, w_h: jax.Array, b_h: j
     h = carry[0] if cell == "lstm" else carry
     h_proj = recurrent_product(h, w_h) + b_h
     if cell in ("rnn", "rnn_clipped_relu"):
-        pre = x_proj + h_proj
-        new_h = jnp.tanh(pre) if cell == "rnn" else jnp.clip(pre, 0.0, 20.0)
+        new_h = rnn_activation(cell, x_proj + h_proj)
         return new_h, new_h
     if cell == "gru":
-        x_r, x_z, x_n = jnp.split(x_proj, 3, axis=-1)
-        h_r, h_z, h_n = jnp.split(h_proj, 3, axis=-1)
-        r = jax.nn.sigmoid(x_r + h_r)
-        z = jax.nn.sigmoid(x_z + h_z)
-        n = jnp.tanh(x_n + r * h_n)
-        new_h = (1.0 - z) * n + z * h
+        new_h = gru_gates(*jnp.split(x_proj, 3, axis=-1), *jnp.split(h_proj, 3, axis=-1), h)
         return new_h, new_h
-    i, f, g, o = jnp.split(x_proj + h_proj, 4, axis=-1)
-    new_c = jax.nn.sigmoid(f) * carry[1] + jax.nn.sigmoid(i) * jnp.tanh(g)
-    new_h = jax.nn.sigmoid(o) * jnp.tanh(new_c)
+    new_h, new_c = lstm_gates(*jnp.split(x_proj + h_proj, 4, axis=-1), carry[1])
     return (new_h, new_c), new_h
 
 

@@ -136,17 +136,79 @@ def test_all_blocks_pruned_gives_zeros(impl):
     np.testing.assert_array_equal(np.asarray(y), 0.0)
 
 
+def _fake_timer(seconds):
+    return lambda thunks: {name: seconds[name] for name in thunks}
+
+
+@pytest.mark.parametrize("winner", ["dense", "xla"])
+def test_auto_picks_the_faster_of_dense_and_sparse(winner):
+    rng, k, mask = _case(6, (40, 24), (4, 4))
+    w = from_dense(k, mask, (4, 4))
+    x = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)
+    seconds = {"dense": 1.0, "xla": 2.0, "pallas": 3.0} if winner == "dense" else \
+        {"dense": 2.0, "xla": 1.0, "pallas": 3.0}
+    with kernels.autotune.using_timer(_fake_timer(seconds)):
+        with jax.default_matmul_precision("highest"):
+            y = jax.jit(lambda x: kernels.bsc_matmul(x, w))(x)  # traced x, concrete w
+        assert kernels.matmul_impl(w, 6, jnp.float32) == winner
+        (decision,) = kernels.autotune.decisions().values()
+    assert decision["impl"] == winner
+    if jax.default_backend() != "gpu":
+        assert decision["skipped"] == {"pallas": "needs a GPU"}
+    assert y.shape == (2, 3, 24)
+    assert _rel_err(y.reshape(6, 24), _ref(x.reshape(6, 40), k, mask)) < 1e-6
+
+
+def test_autotune_choose_skips_failing_candidates_and_caches(tmp_path):
+    # A candidate whose resource check fails and one that raises when first run are
+    # skipped; the rest are timed; the decision is kept in memory and in the cache file,
+    # and read back from the file without timing again.
+    runs = []
+
+    def make(name):
+        def thunk():
+            runs.append(name)
+            if name == "crashes":
+                raise RuntimeError("RESOURCE_EXHAUSTED: Shared memory size limit exceeded")
+            return jnp.ones(())
+        return thunk
+
+    candidates = {"dense": lambda: None, "fast": lambda: None, "crashes": lambda: None,
+                  "too_big": lambda: "needs 300 KB of shared memory, 227 KB available"}
+    path = str(tmp_path / "autotune.json")
+    with kernels.autotune.using_timer(_fake_timer({"dense": 2.0, "fast": 1.0})):
+        kernels.autotune.set_cache_file(path)
+        assert kernels.autotune.choose("op|k", candidates, make) == "fast"
+        assert kernels.autotune.choose("op|k", candidates, make) == "fast"  # cached
+        decision = kernels.autotune.decisions()["op|k"]
+    assert runs == ["dense", "fast", "crashes"]  # each compiled/run once; too_big never
+    assert decision["times_s"] == {"dense": 2.0, "fast": 1.0}
+    assert set(decision["skipped"]) == {"crashes", "too_big"}
+    assert "Shared memory" in decision["skipped"]["crashes"]
+
+    def never(thunks):
+        raise AssertionError("read from the file, not timed")
+
+    with kernels.autotune.using_timer(never):
+        kernels.autotune.set_cache_file(path)
+        assert kernels.autotune.choose("op|k", candidates, make) == "fast"
+    with kernels.autotune.using_timer(never), pytest.raises(RuntimeError, match="no impl"):
+        kernels.autotune.choose("op|none", {"a": lambda: "no"}, make)
+
+
 def test_dispatch_and_errors():
-    assert kernels.default_impl() == ("pallas" if jax.default_backend() == "gpu" else "xla")
     rng, k, mask = _case(6, (16, 16), (4, 4))
     w = from_dense(k, mask, (4, 4))
     x = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
-    np.testing.assert_allclose(
-        np.asarray(kernels.bsc_matmul(x, w)), _ref(x, k, mask), rtol=1e-5, atol=1e-5
-    )
+    for impl in ("dense", "xla"):
+        np.testing.assert_allclose(np.asarray(kernels.bsc_matmul(x, w, impl=impl)),
+                                   _ref(x, k, mask), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="impl must be"):
         kernels.bsc_matmul(x, w, impl="cusparse")
     with pytest.raises(ValueError, match="expects 16"):
         kernels.bsc_matmul(x[:, :15], w, impl="xla")
     with pytest.raises(ValueError, match="N <= 8"):
         kernels.bsc_matmul_pallas(jnp.ones((9, 16)), w, interpret=True, compute="fma")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            kernels.bsc_matmul(x, w, impl="pallas")

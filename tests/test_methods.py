@@ -8,7 +8,7 @@ import optax
 import pytest
 from conftest import load_config
 
-from bsrnn import methods, schedules
+from bsrnn import methods, pruning, schedules
 
 
 def tiny_config(method="bp", **prune):
@@ -137,3 +137,36 @@ def test_configs_that_do_not_fit_are_rejected_by_name(change, message):
             config.prune[key] = change[key]
     with pytest.raises(ValueError, match=message):
         methods.create_optimizer(config, MASKS)
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("bp", [100, 200, 300, 400, 500]),  # cubic from 10% to 50% of 1000 steps, freq 100
+    ("wp", [100, 200, 300, 400, 500]),
+    ("gl", [499, 500]),  # the one cut at the end step, and the step before
+    ("dense", []),
+    ("structural", []),
+])
+def test_mask_update_steps_are_where_the_chain_changes_masks(method, expected):
+    config = tiny_config(method)
+    config.num_steps = 1000
+    due = methods.mask_update_steps(config)
+    assert due.shape == (1000,) and np.flatnonzero(due).tolist() == expected
+    if not expected:
+        return
+    # The chain's own decision agrees: on a step the host calls quiet (update_masks=False)
+    # the device-decided step (None) leaves the masks as they are; on a due step it prunes.
+    params = {"layer_0": {"recurrent_r": {"kernel": jax.random.normal(jax.random.key(0),
+                                                                      (8, 8))}}}
+    masks = {"layer_0": {"recurrent_r": {"kernel": jnp.ones((8, 8), bool)}}}
+    tx, _ = methods.create_optimizer(config, masks)
+    state = tx.init(params)
+    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    for step in (expected[-1] + 1, expected[-1]):  # after the end step (quiet), the end step
+        at_step = jax.tree_util.tree_map(  # every count of the chain set to the step
+            lambda x, step=step: jnp.full_like(x, step) if x.dtype == jnp.int32 else x, state)
+        results = [tx.update(grads, at_step, params, masks=masks, update_masks=hint)
+                   for hint in (None, bool(due[step]))]
+        for a, b in zip(*(jax.tree_util.tree_leaves(r) for r in results), strict=True):
+            np.testing.assert_array_equal(a, b)
+        new_masks = pruning.updated_masks(results[0][1], masks)
+        assert np.all(new_masks["layer_0"]["recurrent_r"]["kernel"]) != bool(due[step]), step

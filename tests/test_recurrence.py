@@ -7,19 +7,20 @@ import numpy as np
 import pytest
 
 from bsrnn import blocks, kernels
-from bsrnn.cells import RecurrentLayer
+from bsrnn.cells import GATES, RecurrentLayer
 from bsrnn.kernels import recurrence_pallas
 
 ON_GPU = jax.default_backend() == "gpu"
 
 
-def _layer_case(seed, hidden, block_shape, batch=3, steps=5, in_features=7, density=0.4):
-    """A GRU RecurrentLayer's variables with random params, random biases, block-structured
+def _layer_case(seed, hidden, block_shape, batch=3, steps=5, in_features=7, density=0.4,
+                cell="gru"):
+    """A RecurrentLayer's variables with random params, random biases, block-structured
     recurrent masks (partial edge blocks when sides don't divide) and random input masks,
     plus random inputs and a random h0."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, steps, in_features)).astype(np.float32)
-    variables = RecurrentLayer("gru", hidden).init(jax.random.key(seed), jnp.asarray(x))
+    variables = RecurrentLayer(cell, hidden).init(jax.random.key(seed), jnp.asarray(x))
     params = jax.tree_util.tree_map(
         lambda a: (rng.standard_normal(a.shape) * (0.5 if a.ndim == 1 else a.shape[0] ** -0.5))
         .astype(np.float32),
@@ -28,7 +29,7 @@ def _layer_case(seed, hidden, block_shape, batch=3, steps=5, in_features=7, dens
     bh, bw = block_shape
     grid = (-(-hidden // bh), -(-hidden // bw))
     masks = {}
-    for gate in "rzn":
+    for gate in GATES[cell]:
         keep = rng.random(grid) < density
         keep[0, -1] = keep[-1, 0] = True  # both partial edges carry a stored block
         masks[f"recurrent_{gate}"] = {
@@ -223,7 +224,15 @@ def test_errors_are_clear():
         for impl in ("pallas", "persistent"):
             with pytest.raises(ValueError, match="needs a GPU"):
                 kernels.gru_recurrence(xp, weights, impl=impl)
-        assert kernels.default_recurrence_impl() == "xla"
+    with pytest.raises(ValueError, match="lengths must be"):
+        kernels.sparse_gru(jnp.asarray(x), weights, lengths=jnp.ones((2,), jnp.int32))
+    with pytest.raises(ValueError, match="need a forced impl"):
+        kernels.sparse_gru(jnp.asarray(x), weights, layout="ell")
+    lstm = kernels.sparse_lstm_weights(*_layer_case(6, 16, (4, 4), cell="lstm")[:2], (4, 4))
+    with pytest.raises(ValueError, match="pair"):
+        kernels.sparse_lstm(jnp.asarray(x), lstm, jnp.asarray(h0), impl="xla")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        kernels.sparse_lstm(jnp.asarray(x), lstm, impl="pallas")
 
 
 # On a GPU (the device machine): the compiled kernels against the same references.
@@ -293,3 +302,198 @@ def test_sparse_rnn_matches_recurrent_layer(cell, hidden, block_shape):
     masks["recurrent_h"]["kernel"] = rng.random((hidden, hidden)) < 0.5
     with pytest.raises(ValueError, match="recurrent_h"):
         kernels.sparse_rnn_weights(params, masks, block_shape, cell=cell)
+
+
+# Lengths and direction, LSTM, the persistent kernel's checks, and impl="auto".
+SEQUENCE = {"gru": (kernels.sparse_gru_weights, kernels.sparse_gru),
+            "lstm": (kernels.sparse_lstm_weights, kernels.sparse_lstm),
+            "rnn": (kernels.sparse_rnn_weights, kernels.sparse_rnn),
+            "rnn_clipped_relu": (
+                lambda p, m, b, **k: kernels.sparse_rnn_weights(p, m, b, cell="rnn_clipped_relu",
+                                                                **k), kernels.sparse_rnn)}
+LENGTH_IMPLS = [("gru", "xla"), ("gru", "dense"), ("gru", "pallas_interpret"),
+                ("gru", "persistent_interpret"), ("lstm", "xla"), ("lstm", "dense"),
+                ("rnn", "xla"), ("rnn_clipped_relu", "dense")]
+
+
+def _cell_reference(cell, params, masks, x, carry0, lengths=None, reverse=False, dtype=None):
+    layer = RecurrentLayer(cell, np.shape(jax.tree_util.tree_leaves(carry0)[0])[1],
+                           reverse=reverse, dtype=dtype)
+    with jax.default_matmul_precision("highest"):
+        return layer.apply({"params": params, "masks": masks}, jnp.asarray(x),
+                           None if lengths is None else jnp.asarray(lengths),
+                           initial_carry=jax.tree_util.tree_map(jnp.asarray, carry0))
+
+
+def _carry0(cell, h0, seed=0):
+    if cell != "lstm":
+        return h0
+    return h0, (0.5 * np.random.default_rng(seed).standard_normal(h0.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell, impl", LENGTH_IMPLS)
+def test_lengths_and_reverse_match_recurrent_layer(cell, impl, reverse):
+    # Lengths 0 (state stays h0, outputs zero), T, and two in between; partial edge blocks
+    # (H = 20, 8x8 blocks); the final carry is each row's state after its last valid step.
+    hidden, block_shape, steps = 20, (8, 8), 6
+    params, masks, x, h0 = _layer_case(11, hidden, block_shape, batch=4, steps=steps,
+                                       cell=cell)
+    carry0 = _carry0(cell, h0, 11)
+    lengths = np.array([steps, 0, 3, 1], np.int32)
+    build, run = SEQUENCE[cell]
+    weights = build(params, masks, block_shape)
+    options = dict(max_programs=1) if impl.startswith("persistent") else {}
+
+    @jax.jit
+    def go(x, carry0, lengths):
+        with jax.default_matmul_precision("highest"):
+            return run(x, weights, carry0, lengths=lengths, reverse=reverse, impl=impl,
+                       unroll=2, **options)
+
+    out, last = go(jnp.asarray(x), carry0, jnp.asarray(lengths))
+    ref, ref_last = _cell_reference(cell, params, masks, x, carry0, lengths, reverse)
+    assert out.shape == (4, steps, hidden)
+    assert _rel_err(out, ref) < 1e-5
+    for got, want in zip(jax.tree_util.tree_leaves(last), jax.tree_util.tree_leaves(ref_last),
+                         strict=True):
+        assert _rel_err(got, want) < 1e-5
+    np.testing.assert_array_equal(np.asarray(out)[1], 0.0)  # length 0: all outputs zero
+    np.testing.assert_array_equal(np.asarray(out)[2, 3:], 0.0)
+    for got, start in zip(jax.tree_util.tree_leaves(last), jax.tree_util.tree_leaves(carry0),
+                          strict=True):
+        np.testing.assert_allclose(np.asarray(got)[1], np.asarray(start)[1], rtol=1e-6)
+    # Without lengths: reverse alone flips the whole sequence, as the layer does.
+    out, last = run(jnp.asarray(x), weights, carry0, reverse=reverse, impl=impl, unroll=2,
+                    **options)
+    ref, ref_last = _cell_reference(cell, params, masks, x, carry0, None, reverse)
+    assert _rel_err(out, ref) < 1e-5
+    assert _rel_err(jax.tree_util.tree_leaves(last)[0], jax.tree_util.tree_leaves(ref_last)[0]
+                    ) < 1e-5
+
+
+@pytest.mark.parametrize("hidden, block_shape", BLOCK_CASES)
+def test_lstm_matches_recurrent_layer(hidden, block_shape):
+    params, masks, x, h0 = _layer_case(12, hidden, block_shape, cell="lstm")
+    carry0 = _carry0("lstm", h0, 12)
+    weights = kernels.sparse_lstm_weights(params, masks, block_shape)
+    assert weights.w_h.shape == (hidden, 4 * -(-hidden // block_shape[1]) * block_shape[1])
+    with jax.default_matmul_precision("highest"):
+        out, (h, c) = jax.jit(lambda x, c0: kernels.sparse_lstm(x, weights, c0, impl="xla",
+                                                                unroll=2))(jnp.asarray(x),
+                                                                           carry0)
+    ref, (ref_h, ref_c) = _cell_reference("lstm", params, masks, x, carry0)
+    assert out.dtype == jnp.float32
+    assert _rel_err(out, ref) < 1e-5
+    assert _rel_err(h, ref_h) < 1e-5 and _rel_err(c, ref_c) < 1e-5
+    # No initial carry: zeros for both h and c, like the layer.
+    out0, _ = kernels.sparse_lstm(jnp.asarray(x), weights, impl="xla")
+    ref0, _ = _cell_reference("lstm", params, masks, x, (np.zeros_like(h0),) * 2)
+    assert _rel_err(out0, ref0) < 1e-5
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float16, 5e-3), (jnp.bfloat16, 3e-2)])
+def test_lstm_half_precision(dtype, tol):
+    params, masks, x, h0 = _layer_case(13, 48, (16, 16), batch=5, cell="lstm")
+    carry0 = _carry0("lstm", h0, 13)
+    weights = kernels.sparse_lstm_weights(params, masks, (16, 16), dtype=dtype)
+    out, (h, c) = kernels.sparse_lstm(jnp.asarray(x), weights, carry0, impl="xla")
+    ref, _ = _cell_reference("lstm", params, masks, x, carry0)
+    assert out.dtype == dtype and c.dtype == dtype
+    assert _rel_err(out, ref) < tol
+
+
+def test_persistent_barrier_failure_raises():
+    # The interpreter runs programs one after another, so with two programs the first one's
+    # barrier waits can never complete: with a tiny spin limit each gives up, the sync word
+    # counts it, and gru_recurrence must raise (eagerly and under jit), never return states.
+    params, masks, x, h0 = _layer_case(14, 20, (8, 8), steps=3)
+    weights = kernels.sparse_gru_weights(params, masks, (8, 8))
+    xp = kernels.input_projection(jnp.asarray(x), weights)
+    hbuf = jnp.zeros((4 * 3, 20)).at[:3].set(h0)
+    _, sync = recurrence_pallas.gru_persistent_pallas(
+        hbuf, xp, weights.w_h, jnp.asarray(weights.b_hn), hidden=20, ell=weights.ell,
+        max_programs=2, spin_limit=3, interpret=True)
+    assert np.asarray(sync).tolist() == [2 * 3, 3]  # both programs bumped; 3 waits gave up
+    opts = dict(impl="persistent_interpret", max_programs=2, spin_limit=3)
+    with pytest.raises(Exception, match="barrier waits gave up"):
+        np.asarray(kernels.gru_recurrence(xp, weights, jnp.asarray(h0), **opts))
+    with pytest.raises(Exception, match="barrier waits gave up"):
+        np.asarray(jax.jit(lambda x: kernels.sparse_gru(x, weights, **opts)[0])(
+            jnp.asarray(x)))
+    # The same kernel with one program passes its barriers and is checked as passing.
+    out = kernels.gru_recurrence(xp, weights, jnp.asarray(h0), impl="persistent_interpret",
+                                 max_programs=1, spin_limit=3)
+    ref, _ = _reference(params, masks, x, h0)
+    assert _rel_err(np.swapaxes(np.asarray(out), 0, 1), ref) < 1e-5
+
+
+def test_persistent_resource_check(monkeypatch):
+    # A failed resource check (here injected: the one that compiles a probe needs a GPU)
+    # makes a forced persistent kernel raise before launch, naming the limit.
+    params, masks, x, h0 = _layer_case(15, 20, (8, 8), steps=2)
+    weights = kernels.sparse_gru_weights(params, masks, (8, 8))
+    limit = "Shared memory size limit exceeded: requested 247808, available: 232448"
+    calls = []
+
+    def unsupported(xp_shape, dtype, w_h, ell, **options):
+        calls.append((xp_shape, options))
+        return limit
+
+    monkeypatch.setattr(recurrence_pallas, "persistent_unsupported", unsupported)
+    with pytest.raises(kernels.ResourceError, match="requested 247808, available: 232448"):
+        kernels.sparse_gru(jnp.asarray(x), weights, impl="persistent_interpret",
+                           max_programs=1)
+    assert calls == [((2, 3, 60), {"max_programs": 1, "interpret": True})]
+
+
+def test_resource_check_probe_reports_on_cpu():
+    # Off a GPU the probe cannot compile the Triton kernel: it reports why instead of
+    # raising, so "auto" would skip the candidate.
+    if ON_GPU:
+        pytest.skip("on a GPU the probe compiles")
+    weights = kernels.sparse_gru_weights(*_layer_case(16, 20, (8, 8))[:2], (8, 8))
+    reason = recurrence_pallas.persistent_unsupported((4, 3, 60), jnp.float32, weights.w_h,
+                                                      weights.ell)
+    assert isinstance(reason, str) and reason
+
+
+def _fake_timer(seconds):
+    def timer(thunks):
+        assert set(thunks) <= set(seconds), sorted(thunks)
+        return {name: seconds[name] for name in thunks}
+    return timer
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("winner", ["dense", "xla"])
+def test_auto_picks_the_faster_of_dense_and_sparse(cell, winner):
+    params, masks, x, h0 = _layer_case(17, 20, (8, 8), cell=cell)
+    build, run = SEQUENCE[cell]
+    weights = build(params, masks, (8, 8))
+    carry0 = _carry0(cell, h0, 17)
+    seconds = {"dense": 2.0, "xla": 3.0} if winner == "dense" else {"dense": 3.0, "xla": 1.0}
+    seconds.update(pallas=9.0, persistent=9.0, mosaic=9.0)
+    with kernels.autotune.using_timer(_fake_timer(seconds)):
+        assert kernels.resolve_impl(weights, 3, 5, jnp.float32) == winner
+        with jax.default_matmul_precision("highest"):
+            out, _ = jax.jit(lambda x: run(x, weights, carry0))(jnp.asarray(x))
+        (decision,) = kernels.autotune.decisions().values()
+    assert decision["impl"] == winner
+    if not ON_GPU:  # the GPU kernels' checks fail here, so they were never candidates
+        assert set(decision["times_s"]) == {"dense", "xla"}
+    ref, _ = _cell_reference(cell, params, masks, x, carry0)
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_auto_traced_weights_warn_and_fall_back():
+    params, masks, x, h0 = _layer_case(18, 20, (8, 8))
+    weights = kernels.sparse_gru_weights(params, masks, (8, 8))
+
+    def never(thunks):
+        raise AssertionError("nothing can be timed on traced weights")
+
+    with kernels.autotune.using_timer(never), pytest.warns(UserWarning, match="traced"):
+        out, _ = jax.jit(lambda x, w: kernels.sparse_gru(x, w))(jnp.asarray(x), weights)
+    ref, _ = _reference(params, masks, x, h0 * 0)
+    assert _rel_err(out, ref) < 1e-5

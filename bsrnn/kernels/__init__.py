@@ -1,12 +1,11 @@
-"""Block-sparse matrix products for exported sparse weights.
+"""Block-sparse kernels for exported sparse weights.
 
-`bsc_matmul(x, w)` computes y = x @ K for a `bsrnn.kernels.bsc.BlockSparseMatrix` K and picks
-the implementation from `jax.default_backend()`: the Pallas/Triton kernel on GPUs, the
-portable XLA path elsewhere. `impl=` overrides the choice.
-
-`sparse_gru(x, weights)` runs a whole GRU sequence with block-sparse recurrent weights
-(`bsrnn.kernels.recurrence`), dispatched the same way; `sparse_rnn` runs a vanilla RNN
-(tanh or clipped ReLU) sequence on the portable XLA path.
+`bsc_matmul(x, w)` computes y = x @ K for a `bsrnn.kernels.bsc.BlockSparseMatrix` K;
+`sparse_gru`, `sparse_lstm` and `sparse_rnn` run whole sequences with block-sparse recurrent
+weights (`bsrnn.kernels.recurrence`), with `lengths` and `reverse` as in
+`bsrnn.cells.RecurrentLayer`. Each takes `impl=`; the default "auto" runs the fastest
+implementation measured on this device for these sizes, the dense product included
+(`bsrnn.kernels.autotune`), so it is never slower than dense.
 """
 
 from __future__ import annotations
@@ -14,64 +13,104 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from bsrnn.kernels.bsc import BlockSparseMatrix
+from bsrnn.kernels import autotune
+from bsrnn.kernels.bsc import BlockSparseMatrix, dense_kernel
 from bsrnn.kernels.pallas_gpu import bsc_matmul_pallas
 from bsrnn.kernels.recurrence import (
+    ResourceError,
     SparseGRUWeights,
+    SparseLSTMWeights,
     SparseRNNWeights,
-    default_recurrence_impl,
     gru_input_projection,
     gru_recurrence,
+    input_projection,
+    resolve_impl,
     sparse_gru,
     sparse_gru_weights,
+    sparse_lstm,
+    sparse_lstm_weights,
     sparse_rnn,
     sparse_rnn_weights,
 )
 from bsrnn.kernels.xla import bsc_matmul_xla
 
 __all__ = [
+    "ResourceError",
     "SparseGRUWeights",
+    "SparseLSTMWeights",
     "SparseRNNWeights",
+    "autotune",
     "bsc_matmul",
     "bsc_matmul_pallas",
     "bsc_matmul_xla",
-    "default_impl",
-    "default_recurrence_impl",
     "gru_input_projection",
     "gru_recurrence",
+    "input_projection",
+    "matmul_impl",
+    "resolve_impl",
     "sparse_gru",
     "sparse_gru_weights",
+    "sparse_lstm",
+    "sparse_lstm_weights",
     "sparse_rnn",
     "sparse_rnn_weights",
 ]
 
-Impl = Literal["xla", "pallas", "pallas_interpret"]
+Impl = Literal["auto", "dense", "xla", "pallas", "pallas_interpret"]
+IMPLS = ("auto", "dense", "xla", "pallas", "pallas_interpret")
 
 
-def default_impl() -> Impl:
-    """The implementation `bsc_matmul` uses here: "pallas" on GPUs, "xla" elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+def matmul_impl(w: BlockSparseMatrix, n: int, dtype, impl: Impl = "auto") -> str:
+    """The implementation `bsc_matmul(impl="auto")` runs for K = ``w`` and ``n`` rows of x
+    in ``dtype`` (``impl`` itself when it is not "auto")."""
+    if impl != "auto":
+        return impl
+    on_gpu = jax.default_backend() == "gpu"
+    candidates = {"dense": lambda: None, "xla": lambda: None,
+                  "pallas": (lambda: None) if on_gpu else (lambda: "needs a GPU")}
+    dtype = jnp.dtype(dtype)
+
+    def make(name):
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((n, w.shape[0])), dtype)
+        fn = jax.jit(lambda x, w: bsc_matmul(x, w, impl=name))
+        return lambda: fn(x, w)
+
+    op_key = autotune.key("bsc_matmul", shape=w.shape, block=w.block_shape, nnzb=w.nnzb,
+                          n=n, dtype=dtype.name)
+    return autotune.choose(op_key, candidates, make, measurable=autotune.is_concrete(w),
+                           fallback=("pallas", "xla") if on_gpu else ("xla",))
 
 
-def bsc_matmul(x: jax.Array, w: BlockSparseMatrix, *, impl: Impl | None = None) -> jax.Array:
+def bsc_matmul(x: jax.Array, w: BlockSparseMatrix, *, impl: Impl = "auto") -> jax.Array:
     """y = x @ K with K stored block-sparse.
 
     Args:
       x: (..., in_features) input.
       w: block-sparse K, shape (in_features, out_features).
-      impl: "xla" (portable gathers + small products + segment sum), "pallas" (Triton
-        kernel, GPU only), "pallas_interpret" (same kernel in the Pallas interpreter, any
-        backend, slow), or None for `default_impl()`.
+      impl: "auto" (the fastest of the others measured here for these sizes, see
+        `matmul_impl`), "dense" (x @ the dense K, pruned entries zero), "xla" (portable
+        gathers + small products + segment sum), "pallas" (Triton kernel, GPU only),
+        "pallas_interpret" (same kernel in the Pallas interpreter, any backend, slow).
 
     Returns:
       (..., out_features), dtype promoted from x and the block values.
     """
-    impl = impl or default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    n_in = w.shape[0]
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x has {x.shape[-1]} features, the kernel expects {n_in}")
+    dtype = jnp.result_type(x.dtype, w.values.dtype)
+    impl = matmul_impl(w, int(np.prod(x.shape[:-1])), dtype, impl)
+    if impl == "dense":
+        return jnp.dot(x.astype(dtype), dense_kernel(w).astype(dtype),
+                       preferred_element_type=jnp.promote_types(dtype, jnp.float32)
+                       ).astype(dtype)
     if impl == "xla":
         return bsc_matmul_xla(x, w)
-    if impl == "pallas":
-        return bsc_matmul_pallas(x, w)
-    if impl == "pallas_interpret":
-        return bsc_matmul_pallas(x, w, interpret=True)
-    raise ValueError(f"impl must be 'xla', 'pallas' or 'pallas_interpret', got {impl!r}")
+    if impl == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError("impl='pallas' needs a GPU; use 'auto', 'xla' or 'pallas_interpret'")
+    return bsc_matmul_pallas(x, w, interpret=impl == "pallas_interpret")

@@ -19,6 +19,7 @@ This is the format every kernel in `bsrnn.kernels` reads; `bsrnn.export` writes 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import jax
@@ -185,3 +186,29 @@ def to_dense(m: BlockSparseMatrix) -> jax.Array:
     blocks = jnp.zeros((nbr, nbc, bh, bw), m.values.dtype)
     blocks = blocks.at[jnp.asarray(m.row_indices), block_col_ids(m)].set(m.values)
     return blocks.transpose(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)[:n_in, :n_out]
+
+
+_DENSE_CACHE: dict[int, tuple[Any, jax.Array]] = {}
+
+
+def dense_kernel(m: BlockSparseMatrix) -> jax.Array:
+    """`to_dense(m)`, computed once per concrete matrix and cached (the "dense" candidate of
+    the kernels' dispatchers), or in the graph when `m` holds tracers.
+
+    Returns:
+      (in, out) dense kernel in the values' dtype, pruned entries zero.
+    """
+    if any(isinstance(a, jax.core.Tracer) for a in (m.values, m.row_indices, m.col_ptr)):
+        return to_dense(m)
+    hit = _DENSE_CACHE.get(id(m.values))
+    if hit is not None and hit[0]() is m.values:
+        return hit[1]
+    with jax.ensure_compile_time_eval():
+        dense = jax.block_until_ready(to_dense(m))
+    try:
+        ref = weakref.ref(m.values)
+    except TypeError:  # not weak-referenceable: do not cache
+        return dense
+    _DENSE_CACHE[id(m.values)] = (ref, dense)
+    weakref.finalize(m.values, _DENSE_CACHE.pop, id(m.values), None)
+    return dense

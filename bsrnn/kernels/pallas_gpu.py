@@ -46,8 +46,88 @@ _FMA_MAX_N = 8
 _FMA_ACC_ELEMENTS = 8192  # TM * R * bw_pad of the "fma" accumulator
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+def launch_config(n: int, bw: int, dtype, compute: str | None, rows_per_step: int | None,
+                  max_tm: int) -> tuple[str, int, int, int]:
+    """(compute, tm, bw_pad, rows_per_step) for n rows of x (or batch rows of h) and blocks
+    bw wide: the launch defaults of every kernel here and in `recurrence_pallas`.
+
+    "fma" for n <= 4 (n <= 8 for 32-bit operands), with the most panel rows per step that
+    keep `_FMA_ACC_ELEMENTS` accumulator entries (<= 256); else "dot" with tiles of
+    16..max_tm rows and 64 panel rows per step up to n = 16, 128 beyond.
+    """
+    if compute is None:
+        wide = jnp.dtype(dtype).itemsize >= 4
+        compute = "fma" if n <= 4 or (wide and n <= _FMA_MAX_N) else "dot"
+    if compute == "fma":
+        if n > _FMA_MAX_N:
+            raise ValueError(f'compute="fma" takes N <= {_FMA_MAX_N} rows, got {n}')
+        tm, bw_pad = next_pow2(n), next_pow2(bw)
+        rows = rows_per_step or min(256, max(1, _FMA_ACC_ELEMENTS // (tm * bw_pad)))
+    elif compute == "dot":
+        tm, bw_pad = min(max(16, next_pow2(n)), max_tm), max(16, next_pow2(bw))
+        rows = rows_per_step or (64 if n <= 16 else 128)
+    else:
+        raise ValueError(f'compute must be "fma" or "dot", got {compute!r}')
+    if rows & (rows - 1):
+        raise ValueError(f"rows_per_step must be a power of two, got {rows}")
+    return compute, tm, bw_pad, rows
+
+
+def acc_init(compute: str, tm: int, rows_per_step: int, bw_pad: int) -> jax.Array:
+    """The float32 accumulator of `accumulate`: (tm, R, bw_pad) for "fma", else (tm, bw_pad)."""
+    shape = (tm, rows_per_step, bw_pad) if compute == "fma" else (tm, bw_pad)
+    return jnp.zeros(shape, jnp.float32)
+
+
+def accumulate(acc: jax.Array, xg: jax.Array, wv: jax.Array, compute: str,
+               precision) -> jax.Array:
+    """acc + xg (tm, R) @ wv (R, bw_pad): elementwise products ("fma", summed over R by
+    `acc_result`) or a tensor-core dot, accumulated in float32."""
+    if compute == "fma":
+        return acc + xg.astype(jnp.float32)[:, :, None] * wv.astype(jnp.float32)[None]
+    return acc + jnp.dot(xg, wv, preferred_element_type=jnp.float32, precision=precision)
+
+
+def acc_result(acc: jax.Array, compute: str) -> jax.Array:
+    """The (tm, bw_pad) product from an `accumulate` accumulator."""
+    return acc.sum(axis=1) if compute == "fma" else acc
+
+
+def column_walk(start, stop, row_idx_ref, panel_ref, gather, *, bh: int, bw: int,
+                bw_pad: int, n_in: int, tm: int, rows_per_step: int, compute: str, dtype,
+                precision) -> jax.Array:
+    """The block-column walk, the one loop of every BSC kernel: float32 (tm, bw_pad) sum of
+    the panel rows start .. stop - 1 (flat rows of the (nnzb·bh, bw) panel of one block
+    column), each times the input feature it multiplies.
+
+    Args:
+      start, stop: the column's first and one-past-last panel rows (col_ptr · bh).
+      row_idx_ref, panel_ref: block-row indices (nnzb,) and the (nnzb·bh, bw) panel.
+      gather: (features (R,), valid (R,)) -> the (tm, R) slice of the input at those
+        features (zero where not valid), in any dtype.
+      bh, bw, bw_pad, n_in, tm, rows_per_step, compute, dtype, precision: the launch.
+    """
+    c = jnp.arange(bw_pad, dtype=jnp.int32)
+    c_ok = c < bw
+
+    def step(i, acc):
+        r = start + i * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
+        r_ok = r < stop
+        block_row = plgpu.load(row_idx_ref.at[r // bh], mask=r_ok, other=0)
+        feat = block_row * bh + r % bh
+        xg = gather(feat, r_ok & (feat < n_in)).astype(dtype)
+        wv = plgpu.load(panel_ref.at[r[:, None], c[None, :]],
+                        mask=r_ok[:, None] & c_ok[None, :], other=0).astype(dtype)
+        return accumulate(acc, xg, wv, compute, precision)
+
+    n_steps = (stop - start + rows_per_step - 1) // rows_per_step
+    acc = jax.lax.fori_loop(0, n_steps, step, acc_init(compute, tm, rows_per_step, bw_pad))
+    return acc_result(acc, compute)
 
 
 def _kernel(
@@ -72,36 +152,20 @@ def _kernel(
     j = pl.program_id(0)
     m = pl.program_id(1) * tm + jnp.arange(tm, dtype=jnp.int32)
     c = jnp.arange(bw_pad, dtype=jnp.int32)
-    start = col_ptr_ref[j] * bh
-    stop = col_ptr_ref[j + 1] * bh
     m_ok = m < n
     c_ok = c < bw
-    dtype = jnp.result_type(x_ref.dtype, panel_ref.dtype)
 
-    def step(i, acc):
-        r = start + i * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
-        r_ok = r < stop
-        block_row = plgpu.load(row_idx_ref.at[r // bh], mask=r_ok, other=0)
-        feat = block_row * bh + r % bh
-        x_ok = m_ok[:, None] & (r_ok & (feat < n_in))[None, :]
+    def gather(feat, ok):
         if x_transposed:
             x_at = x_ref.at[feat[None, :], m[:, None]]
         else:
             x_at = x_ref.at[m[:, None], feat[None, :]]
-        xg = plgpu.load(x_at, mask=x_ok, other=0).astype(dtype)  # (tm, R)
-        wv = plgpu.load(
-            panel_ref.at[r[:, None], c[None, :]], mask=r_ok[:, None] & c_ok[None, :], other=0
-        ).astype(dtype)  # (R, bw_pad)
-        if compute == "fma":
-            return acc + xg.astype(jnp.float32)[:, :, None] * wv.astype(jnp.float32)[None]
-        return acc + jnp.dot(xg, wv, preferred_element_type=jnp.float32, precision=precision)
+        return plgpu.load(x_at, mask=m_ok[:, None] & ok[None, :], other=0)
 
-    n_steps = (stop - start + rows_per_step - 1) // rows_per_step
-    if compute == "fma":
-        acc = jnp.zeros((tm, rows_per_step, bw_pad), jnp.float32)
-        acc = jax.lax.fori_loop(0, n_steps, step, acc).sum(axis=1)
-    else:
-        acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((tm, bw_pad), jnp.float32))
+    acc = column_walk(col_ptr_ref[j] * bh, col_ptr_ref[j + 1] * bh, row_idx_ref, panel_ref,
+                      gather, bh=bh, bw=bw, bw_pad=bw_pad, n_in=n_in, tm=tm,
+                      rows_per_step=rows_per_step, compute=compute,
+                      dtype=jnp.result_type(x_ref.dtype, panel_ref.dtype), precision=precision)
     out_col = j * bw + c
     plgpu.store(
         o_ref.at[m[:, None], out_col[None, :]],
@@ -166,21 +230,9 @@ def bsc_matmul_pallas(
     n = x2.shape[0]
     if w.nnzb == 0 or n == 0:
         return jnp.zeros((*lead, n_out), dtype)
-    if compute is None:
-        wide = jnp.dtype(dtype).itemsize >= 4
-        compute = "fma" if n <= 4 or (wide and n <= _FMA_MAX_N) else "dot"
-    if compute == "fma":
-        if n > _FMA_MAX_N:
-            raise ValueError(f'compute="fma" takes N <= {_FMA_MAX_N} rows of x, got {n}')
-        tm, bw_pad = _next_pow2(n), _next_pow2(bw)
-        rows_per_step = rows_per_step or min(256, max(1, _FMA_ACC_ELEMENTS // (tm * bw_pad)))
-        num_stages = num_stages or 1
-    elif compute == "dot":
-        tm, bw_pad = min(max(16, _next_pow2(n)), max_tm), max(16, _next_pow2(bw))
-        rows_per_step = rows_per_step or (64 if n <= 16 else 128)
-        num_stages = num_stages or 3
-    else:
-        raise ValueError(f'compute must be "fma" or "dot", got {compute!r}')
+    compute, tm, bw_pad, rows_per_step = launch_config(n, bw, dtype, compute, rows_per_step,
+                                                       max_tm)
+    num_stages = num_stages or (3 if compute == "dot" else 1)
     if transpose_x is None:
         transpose_x = compute == "dot" and n > 16 and bw < 32
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None

@@ -1,32 +1,38 @@
-"""Whole GRU and vanilla-RNN sequences forward (inference) with block-sparse recurrent weights.
+"""Whole RNN, GRU and LSTM sequences forward (inference) with block-sparse recurrent weights.
 
 The input projection of all steps is one dense product, hoisted out of the loop; the loop
-only does what must be sequential: h_t @ W_h with W_h block-sparse, and the gate math.
-Gate equations and order (r, z, n) are those of `bsrnn.cells` (PyTorch/cuDNN GRU).
+only does what must be sequential: h_t @ W_h with W_h block-sparse, and the gate math
+(`bsrnn.cells.gru_gates`, `lstm_gates`, `rnn_activation`: the scan cells' own functions).
 
     weights = sparse_gru_weights(variables["params"], variables["masks"], (16, 16),
                                  dtype=jnp.float16)
-    outputs, h_last = sparse_gru(x, weights)   # same as RecurrentLayer("gru", H).apply
+    outputs, h_last = sparse_gru(x, weights, lengths=lengths)  # = RecurrentLayer("gru", H)
 
-Implementations (`impl=`), chosen like `bsc_matmul`'s: "pallas" on GPUs, "xla" elsewhere.
+`lengths` and `reverse` mean exactly what they mean for `bsrnn.cells.RecurrentLayer`, and
+are handled here once for every implementation: a row's padded steps come after its valid
+ones, so the recurrence runs forward over all T steps, the final carry is each row's state
+at step length - 1 (the initial carry when the length is 0), and outputs at or past the
+length are zero. For `reverse=True` each row is reversed within its length (one gather)
+before the input projection and its outputs reversed back after.
 
+Implementations (`impl=`):
+
+- "auto" (default): the fastest of the implementations below that can run here, the dense
+  product included, measured once per (device, sizes, block, batch, dtype) and cached
+  (`bsrnn.kernels.autotune`).
+- "dense": `lax.scan` with the masked dense recurrent kernel (what `RecurrentLayer` runs).
 - "xla": `lax.scan` over steps; each step is `bsc_matmul_xla(h, W_h)` plus the gate math.
   Portable (CPU, GPU, TPU), jittable, differentiable by JAX.
-- "pallas": each step is one Pallas/Triton kernel fusing the block-sparse product with the
-  gate math, launched inside `lax.scan(..., unroll=U)` (per-iteration loop overhead
-  dominates on GPUs: SPEC §2.6). GPU only; "pallas_interpret" runs the same kernel in the
-  Pallas interpreter on any backend (tests).
-- "persistent": one kernel for all steps, programs synchronised by a grid-wide barrier,
-  weight panels held in registers across steps where they fit (`hold`). GPU only.
-
-Measured on an H100 (WORKSPACE.md, GRU 2560, 90% of 16x16 blocks pruned,
-fp16, T = 256, input projection included): "pallas" 6.4 / 12.0 / 16.2 µs per step at
-batch 1 / 8 / 32, "persistent" 5.4 µs at batch 1 (3.7 µs with 32x32 blocks, and for GRU
-1760) but slower than "pallas" at batch >= 8; cuDNN 16–20 µs. Hence "pallas" stays the GPU
-default and "persistent" is opt-in (it also needs all its programs resident at once).
-
-The vanilla RNN (`sparse_rnn`: tanh, or DS2's clipped ReLU as in P1's speech model) has
-only the portable "xla" path: its step is one block-sparse product and an add.
+- "pallas" (GRU): each step is one Pallas/Triton kernel fusing the block-sparse product
+  with the gate math, launched inside `lax.scan(..., unroll=U)`. GPU only;
+  "pallas_interpret" runs the same kernel in the Pallas interpreter on any backend (tests).
+- "persistent" (GRU): one kernel for all steps, programs synchronised by a grid-wide
+  barrier, weight panels held in registers where they fit. GPU only, and only where all
+  its programs fit on the chip at once (checked before launch: `ResourceError` when
+  forced, skipped by "auto"); a barrier that gave up raises. "persistent_interpret" runs
+  it in the interpreter (tests).
+- "mosaic" (GRU): the Pallas Mosaic GPU kernel of `bsrnn.kernels.mosaic_gpu`, where that
+  module exists and says it can run.
 
 Each gate's kernel is tiled on its own: gate g occupies block columns g·ceil(H/bw) ..
 of W_h (padded with empty columns when bw does not divide H), so a block never straddles two
@@ -36,19 +42,32 @@ gates and partial edge blocks (H not a multiple of bh or bw) work on every path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+import importlib
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsrnn.kernels import recurrence_pallas
-from bsrnn.kernels.bsc import BlockSparseMatrix, from_dense
+from bsrnn import cells
+from bsrnn.kernels import autotune, pallas_gpu, recurrence_pallas
+from bsrnn.kernels.bsc import BlockSparseMatrix, dense_kernel, from_dense
 from bsrnn.kernels.xla import bsc_matmul_xla
 
-RecurrenceImpl = Literal["xla", "pallas", "pallas_interpret", "persistent"]
-GATES = ("r", "z", "n")
+RecurrenceImpl = Literal["auto", "dense", "xla", "pallas", "pallas_interpret", "persistent",
+                         "persistent_interpret", "mosaic"]
+GATES = cells.GATES["gru"]
+LSTM_GATES = cells.GATES["lstm"]
+RNN_CELLS = ("rnn", "rnn_clipped_relu")
+_SCAN_IMPLS = ("dense", "xla")
+_GRU_KERNELS = ("pallas", "pallas_interpret", "persistent", "persistent_interpret", "mosaic")
+
+
+class ResourceError(ValueError):
+    """A kernel cannot run at this size on this device (shared memory, registers, resident
+    programs): raised before launch when that kernel is forced with `impl=`."""
 
 
 @jax.tree_util.register_dataclass
@@ -68,7 +87,7 @@ class SparseGRUWeights:
         its K panel rows (K = the largest column's bh·blocks rounded up to a power of two;
         padding rows point at feature 0).
       ell_values: (3·Hp/bw, K, bw) or None: those panel rows (zero for padding), the
-        fixed-width ("ell") layout of the GPU kernels.
+        fixed-width ("ell") layout of the persistent kernel.
       hidden: H (static).
     """
 
@@ -79,6 +98,8 @@ class SparseGRUWeights:
     ell_feat: jax.Array | None
     ell_values: jax.Array | None
     hidden: int = dataclasses.field(metadata={"static": True})
+
+    cell = "gru"
 
     @property
     def block_shape(self) -> tuple[int, int]:
@@ -96,250 +117,35 @@ class SparseGRUWeights:
         return None if self.ell_feat is None else (self.ell_feat, self.ell_values)
 
 
-def _ell_arrays(w_h: BlockSparseMatrix, hidden: int) -> tuple[np.ndarray, np.ndarray]:
-    (bh, bw), (_, nbc) = w_h.block_shape, w_h.grid_shape
-    col_ptr, row_idx = np.asarray(w_h.col_ptr), np.asarray(w_h.row_indices)
-    values = np.asarray(w_h.values)
-    k = recurrence_pallas.next_pow2(max(1, int(np.diff(col_ptr).max(initial=0))) * bh)
-    feat = np.zeros((nbc, k), np.int32)
-    panel = np.zeros((nbc, k, bw), values.dtype)
-    for j in range(nbc):
-        s, e = col_ptr[j], col_ptr[j + 1]
-        rows = (row_idx[s:e, None] * bh + np.arange(bh)).reshape(-1)
-        feat[j, : rows.size] = np.where(rows < hidden, rows, 0)  # out-of-range rows are 0
-        panel[j, : rows.size] = values[s:e].reshape(-1, bw)
-    return feat, panel
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SparseLSTMWeights:
+    """An LSTM layer's weights prepared for `sparse_lstm`.
 
-
-def _layer_arrays(
-    params: Mapping[str, Any], masks: Mapping[str, Any], gates: tuple[str, ...]
-) -> tuple[list[np.ndarray], ...]:
-    """A RecurrentLayer's (input kernels, input biases, recurrent kernels, recurrent biases,
-    input masks, recurrent masks), one list entry per gate, as numpy arrays."""
-    try:
-        return (
-            [np.asarray(params[f"input_{g}"]["kernel"]) for g in gates],
-            [np.asarray(params[f"input_{g}"]["bias"]) for g in gates],
-            [np.asarray(params[f"recurrent_{g}"]["kernel"]) for g in gates],
-            [np.asarray(params[f"recurrent_{g}"]["bias"]) for g in gates],
-            [np.asarray(masks[f"input_{g}"]["kernel"], bool) for g in gates],
-            [np.asarray(masks[f"recurrent_{g}"]["kernel"], bool) for g in gates],
-        )
-    except KeyError as e:
-        names = "/".join(gates)
-        raise ValueError(
-            f"params/masks lack {e}: pass the RecurrentLayer's params and masks (keys "
-            f"input_{names} and recurrent_{names}, each with 'kernel' and 'bias')"
-        ) from None
-
-
-def _compress_recurrent(gate: str, kernel: np.ndarray, mask: np.ndarray,
-                        block_shape: tuple[int, int], dtype: Any) -> BlockSparseMatrix:
-    """One gate's (H, H) recurrent kernel as BSC; errors name the gate."""
-    hidden = kernel.shape[1]
-    if kernel.shape != (hidden, hidden) or mask.shape != kernel.shape:
-        raise ValueError(f"recurrent_{gate}: kernel {kernel.shape} and mask {mask.shape} must "
-                         f"both be ({hidden}, {hidden})")
-    try:
-        return from_dense(kernel, mask, block_shape, dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"recurrent_{gate}: {e}") from None
-
-
-def _initial_state(h0: jax.Array | None, batch: int, hidden: int, dtype: Any) -> jax.Array:
-    """h0 in ``dtype``, zeros (B, H) if None; checks its shape."""
-    h0 = jnp.zeros((batch, hidden), dtype) if h0 is None else h0.astype(dtype)
-    if h0.shape != (batch, hidden):
-        raise ValueError(f"h0 has shape {h0.shape}, expected {(batch, hidden)}")
-    return h0
-
-
-def sparse_gru_weights(
-    params: Mapping[str, Any],
-    masks: Mapping[str, Any],
-    block_shape: tuple[int, int],
-    *,
-    dtype: Any = None,
-    ell: bool = True,
-) -> SparseGRUWeights:
-    """Builds the kernel inputs from a trained `bsrnn.cells.RecurrentLayer` (cell "gru").
-
-    Args:
-      params: the layer's params, {"input_r": {"kernel": (D, H), "bias": (H,)}, ...,
-        "recurrent_n": {...}} (a model's params at the layer's path).
-      masks: the layer's masks at the same paths ({"recurrent_r": {"kernel": (H, H)}, ...});
-        the recurrent masks must be block-structured for `block_shape`, each gate tiled from
-        (0, 0) on its own (partial edge blocks allowed). Input masks are applied densely.
-      block_shape: (bh, bw) the recurrent kernels were pruned with.
-      dtype: dtype of weights and computation (e.g. jnp.float16); default the params'.
-      ell: also build the fixed-width "ell" layout (needed by the persistent kernel and
-        layout="ell"; costs host time and up to a few times the block bytes).
-
-    Returns:
-      `SparseGRUWeights` (numpy arrays inside; host-side construction, not jittable).
-
-    Raises:
-      ValueError: on missing gates, mismatched shapes, or a recurrent mask that is not
-        block-structured for `block_shape`.
+    Attributes:
+      w_i: (D, 4·H) masked input kernels [W_ii | W_if | W_ig | W_io] (dense).
+      b: (4·H,) input and recurrent biases summed, same gate order.
+      w_h: block-sparse recurrent kernel (H, 4·Hp), Hp = ceil(H / bw)·bw: the gate kernels
+        i, f, g, o side by side, each padded with zero columns to Hp.
+      hidden: H (static).
     """
-    kin, bin_, kh, bh_, min_, mh = _layer_arrays(params, masks, GATES)
-    hidden = kh[0].shape[1]
-    dtype = np.dtype(dtype) if dtype is not None else kh[0].dtype
-    # Each gate compressed on its own, then the three BSC matrices put side by side.
-    gates = [_compress_recurrent(g, k, m, block_shape, dtype)
-             for g, k, m in zip(GATES, kh, mh, strict=True)]
-    (bh, bw), (_, nbc_g) = gates[0].block_shape, gates[0].grid_shape
-    offsets = np.cumsum([0] + [w.nnzb for w in gates])
-    w_h = BlockSparseMatrix(
-        values=np.concatenate([np.asarray(w.values) for w in gates]),
-        row_indices=np.concatenate([np.asarray(w.row_indices) for w in gates]),
-        col_ptr=np.concatenate(
-            [np.asarray(gates[0].col_ptr)]
-            + [np.asarray(w.col_ptr)[1:] + o for w, o in zip(gates[1:], offsets[1:-1], strict=True)]
-        ).astype(np.int32),
-        shape=(hidden, 3 * nbc_g * bw),
-        block_shape=(bh, bw),
-    )
-    w_i = np.concatenate([np.where(m, k, 0) for k, m in zip(kin, min_, strict=True)], axis=1)
-    b_i = np.concatenate([bin_[0] + bh_[0], bin_[1] + bh_[1], bin_[2]])
-    feat, panel = _ell_arrays(w_h, hidden) if ell else (None, None)
-    return SparseGRUWeights(
-        w_i=w_i.astype(dtype), b_i=b_i.astype(dtype), w_h=w_h, b_hn=bh_[2].astype(dtype),
-        ell_feat=feat, ell_values=panel, hidden=hidden,
-    )
 
+    w_i: jax.Array
+    b: jax.Array
+    w_h: BlockSparseMatrix
+    hidden: int = dataclasses.field(metadata={"static": True})
 
-def default_recurrence_impl() -> RecurrenceImpl:
-    """What `gru_recurrence` uses here: "pallas" on GPUs, "xla" elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    cell = "lstm"
 
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """(bh, bw) of the recurrent blocks."""
+        return self.w_h.block_shape
 
-def gru_input_projection(x: jax.Array, weights: SparseGRUWeights) -> jax.Array:
-    """xp = x @ W_i + b_i for all steps at once, time-major.
-
-    Args:
-      x: (B, T, D) inputs.
-
-    Returns:
-      (T, B, 3·H) in the weights' dtype.
-    """
-    w_i = jnp.asarray(weights.w_i)
-    xp = jnp.einsum("btd,dg->tbg", x.astype(w_i.dtype), w_i)
-    return xp + jnp.asarray(weights.b_i)
-
-
-def _gates_xla(xp_t, a, h, b_hn, hidden):
-    f32 = jnp.float32
-    x_r, x_z, x_n = (xp_t[:, i * hidden:(i + 1) * hidden].astype(f32) for i in range(3))
-    hp = a.shape[-1] // 3
-    a_r, a_z, a_n = (a[:, i * hp:i * hp + hidden].astype(f32) for i in range(3))
-    r = jax.nn.sigmoid(x_r + a_r)
-    z = jax.nn.sigmoid(x_z + a_z)
-    n = jnp.tanh(x_n + r * (a_n + b_hn.astype(f32)))
-    return ((1.0 - z) * n + z * h.astype(f32)).astype(h.dtype)
-
-
-def _recurrence_xla(xp, weights, h0, unroll):
-    w_h, b_hn = weights.w_h, jnp.asarray(weights.b_hn)
-
-    def step(h, xp_t):
-        h = _gates_xla(xp_t, bsc_matmul_xla(h, w_h), h, b_hn, weights.hidden)
-        return h, h
-
-    _, out = jax.lax.scan(step, h0, xp, unroll=unroll)
-    return out
-
-
-def gru_recurrence(
-    xp: jax.Array,
-    weights: SparseGRUWeights,
-    h0: jax.Array | None = None,
-    *,
-    impl: RecurrenceImpl | None = None,
-    unroll: int = 16,
-    **kernel_options: Any,
-) -> jax.Array:
-    """The sequential part of a GRU sequence: all h_t from the input projections.
-
-    Args:
-      xp: (T, B, 3·H) from `gru_input_projection`.
-      weights: `SparseGRUWeights`.
-      h0: (B, H) initial state; zeros if None.
-      impl: "xla", "pallas", "pallas_interpret", "persistent", or None for
-        `default_recurrence_impl()`.
-      unroll: `lax.scan` unroll factor of the "xla" and "pallas" loops.
-      **kernel_options: passed to `recurrence_pallas.gru_step_pallas` ("pallas") or
-        `gru_persistent_pallas` ("persistent"): layout, compute, rows_per_step, hold, ...
-
-    Returns:
-      (T, B, H) states h_1 .. h_T, in the promoted dtype of xp and the weights. Gate math is
-      done in float32 and the state is rounded to that dtype after every step.
-    """
-    impl = impl or default_recurrence_impl()
-    steps, batch, three_h = xp.shape
-    hidden = weights.hidden
-    if three_h != 3 * hidden:
-        raise ValueError(f"xp has {three_h} features, expected 3·H = {3 * hidden}")
-    dtype = jnp.result_type(xp.dtype, weights.dtype)
-    xp = xp.astype(dtype)
-    h0 = _initial_state(h0, batch, hidden, dtype)
-    if steps == 0:
-        return jnp.zeros((0, batch, hidden), dtype)
-    if impl == "xla":
-        if kernel_options:
-            raise ValueError(f"impl='xla' takes no kernel options, got {sorted(kernel_options)}")
-        return _recurrence_xla(xp, weights, h0, unroll)
-    if impl not in ("pallas", "pallas_interpret", "persistent"):
-        raise ValueError(
-            "impl must be 'xla', 'pallas', 'pallas_interpret' or 'persistent', got "
-            f"{impl!r}")
-    if impl != "pallas_interpret" and jax.default_backend() != "gpu":
-        raise ValueError(f"impl={impl!r} needs a GPU; use 'xla' or 'pallas_interpret'")
-    hbuf = jnp.zeros(((steps + 1) * batch, hidden), dtype).at[:batch].set(h0)
-    common = dict(hidden=hidden, ell=weights.ell)
-    b_hn = jnp.asarray(weights.b_hn).astype(dtype)
-    if impl == "persistent":
-        hbuf, _ = recurrence_pallas.gru_persistent_pallas(
-            hbuf, xp, weights.w_h, b_hn, **common, **kernel_options)
-    else:
-        kernel_options.setdefault("interpret", impl == "pallas_interpret")
-
-        def step(carry, _):
-            hbuf, cnt = carry
-            return recurrence_pallas.gru_step_pallas(
-                hbuf, cnt, xp, weights.w_h, b_hn, **common, **kernel_options), None
-
-        (hbuf, _), _ = jax.lax.scan(
-            step, (hbuf, jnp.zeros((1,), jnp.int32)), None, length=steps, unroll=unroll)
-    return hbuf[batch:].reshape(steps, batch, hidden)
-
-
-def sparse_gru(
-    x: jax.Array,
-    weights: SparseGRUWeights,
-    h0: jax.Array | None = None,
-    *,
-    impl: RecurrenceImpl | None = None,
-    unroll: int = 16,
-    **kernel_options: Any,
-) -> tuple[jax.Array, jax.Array]:
-    """A whole GRU sequence forward, like `RecurrentLayer("gru", H)` without `lengths`.
-
-    Args:
-      x: (B, T, D) inputs.
-      weights: from `sparse_gru_weights`.
-      h0: (B, H) initial state; zeros if None.
-      impl, unroll, **kernel_options: as in `gru_recurrence`.
-
-    Returns:
-      (outputs (B, T, H), final state h_T (B, H)).
-    """
-    xp = gru_input_projection(x, weights)
-    batch = x.shape[0]
-    out = gru_recurrence(xp, weights, h0, impl=impl, unroll=unroll, **kernel_options)
-    last = out[-1] if out.shape[0] else (
-        jnp.zeros((batch, weights.hidden), out.dtype) if h0 is None else h0.astype(out.dtype))
-    return jnp.swapaxes(out, 0, 1), last
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the recurrent block values."""
+        return self.w_h.values.dtype
 
 
 @jax.tree_util.register_dataclass
@@ -363,8 +169,175 @@ class SparseRNNWeights:
         if self.cell not in RNN_CELLS:
             raise ValueError(f"cell must be one of {RNN_CELLS}, got {self.cell!r}")
 
+    @property
+    def hidden(self) -> int:
+        """H."""
+        return self.w_h.shape[1]
 
-RNN_CELLS = ("rnn", "rnn_clipped_relu")
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """(bh, bw) of the recurrent blocks."""
+        return self.w_h.block_shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the recurrent block values."""
+        return self.w_h.values.dtype
+
+
+SparseWeights = SparseGRUWeights | SparseLSTMWeights | SparseRNNWeights
+
+
+def _ell_arrays(w_h: BlockSparseMatrix, hidden: int) -> tuple[np.ndarray, np.ndarray]:
+    (bh, bw), (_, nbc) = w_h.block_shape, w_h.grid_shape
+    col_ptr, row_idx = np.asarray(w_h.col_ptr), np.asarray(w_h.row_indices)
+    values = np.asarray(w_h.values)
+    k = pallas_gpu.next_pow2(max(1, int(np.diff(col_ptr).max(initial=0))) * bh)
+    feat = np.zeros((nbc, k), np.int32)
+    panel = np.zeros((nbc, k, bw), values.dtype)
+    for j in range(nbc):
+        s, e = col_ptr[j], col_ptr[j + 1]
+        rows = (row_idx[s:e, None] * bh + np.arange(bh)).reshape(-1)
+        feat[j, : rows.size] = np.where(rows < hidden, rows, 0)  # out-of-range rows are 0
+        panel[j, : rows.size] = values[s:e].reshape(-1, bw)
+    return feat, panel
+
+
+def _layer_arrays(
+    params: Mapping[str, Any], masks: Mapping[str, Any], gates: tuple[str, ...]
+) -> tuple[list[np.ndarray], ...]:
+    """A RecurrentLayer's (input kernels, input biases, recurrent kernels, recurrent biases,
+    input masks, recurrent masks), one list entry per gate, as numpy arrays."""
+    try:
+        arrays = (
+            [np.asarray(params[f"input_{g}"]["kernel"]) for g in gates],
+            [np.asarray(params[f"input_{g}"]["bias"]) for g in gates],
+            [np.asarray(params[f"recurrent_{g}"]["kernel"]) for g in gates],
+            [np.asarray(params[f"recurrent_{g}"]["bias"]) for g in gates],
+            [np.asarray(masks[f"input_{g}"]["kernel"], bool) for g in gates],
+            [np.asarray(masks[f"recurrent_{g}"]["kernel"], bool) for g in gates],
+        )
+    except KeyError as e:
+        names = "/".join(gates)
+        raise ValueError(
+            f"params/masks lack {e}: pass the RecurrentLayer's params and masks (keys "
+            f"input_{names} and recurrent_{names}, each with 'kernel' and 'bias')"
+        ) from None
+    for g, k, m in zip(gates, arrays[0], arrays[4], strict=True):
+        if m.shape != k.shape:
+            raise ValueError(f"input_{g}: kernel {k.shape} and mask {m.shape} must match")
+    return arrays
+
+
+def _compress_recurrent(gate: str, kernel: np.ndarray, mask: np.ndarray,
+                        block_shape: tuple[int, int], dtype: Any) -> BlockSparseMatrix:
+    """One gate's (H, H) recurrent kernel as BSC; errors name the gate."""
+    hidden = kernel.shape[1]
+    if kernel.shape != (hidden, hidden) or mask.shape != kernel.shape:
+        raise ValueError(f"recurrent_{gate}: kernel {kernel.shape} and mask {mask.shape} must "
+                         f"both be ({hidden}, {hidden})")
+    try:
+        return from_dense(kernel, mask, block_shape, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"recurrent_{gate}: {e}") from None
+
+
+def _gate_padded(gates: tuple[str, ...], kernels: list[np.ndarray], masks: list[np.ndarray],
+                 block_shape: tuple[int, int], dtype: Any) -> BlockSparseMatrix:
+    """The gates' recurrent kernels, each compressed on its own, side by side as one
+    (H, gates·Hp) BSC matrix (gate g = block columns g·ceil(H / bw) ..)."""
+    parts = [_compress_recurrent(g, k, m, block_shape, dtype)
+             for g, k, m in zip(gates, kernels, masks, strict=True)]
+    (bh, bw), (_, nbc_g) = parts[0].block_shape, parts[0].grid_shape
+    offsets = np.cumsum([0] + [w.nnzb for w in parts])
+    return BlockSparseMatrix(
+        values=np.concatenate([np.asarray(w.values) for w in parts]),
+        row_indices=np.concatenate([np.asarray(w.row_indices) for w in parts]),
+        col_ptr=np.concatenate(
+            [np.asarray(parts[0].col_ptr)]
+            + [np.asarray(w.col_ptr)[1:] + o for w, o in zip(parts[1:], offsets[1:-1], strict=True)]
+        ).astype(np.int32),
+        shape=(kernels[0].shape[1], len(gates) * nbc_g * bw),
+        block_shape=(bh, bw),
+    )
+
+
+def _masked_input(kernels: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.where(m, k, 0) for k, m in zip(kernels, masks, strict=True)], 1)
+
+
+def sparse_gru_weights(
+    params: Mapping[str, Any],
+    masks: Mapping[str, Any],
+    block_shape: tuple[int, int],
+    *,
+    dtype: Any = None,
+    ell: bool = True,
+) -> SparseGRUWeights:
+    """Builds the kernel inputs from a trained `bsrnn.cells.RecurrentLayer` (cell "gru").
+
+    Args:
+      params: the layer's params, {"input_r": {"kernel": (D, H), "bias": (H,)}, ...,
+        "recurrent_n": {...}} (a model's params at the layer's path).
+      masks: the layer's masks at the same paths ({"recurrent_r": {"kernel": (H, H)}, ...});
+        the recurrent masks must be block-structured for `block_shape`, each gate tiled from
+        (0, 0) on its own (partial edge blocks allowed). Input masks are applied densely.
+      block_shape: (bh, bw) the recurrent kernels were pruned with.
+      dtype: dtype of weights and computation (e.g. jnp.float16); default the params'.
+      ell: also build the fixed-width "ell" layout (needed by the persistent kernel's
+        default layout; costs host time and up to a few times the block bytes).
+
+    Returns:
+      `SparseGRUWeights` (numpy arrays inside; host-side construction, not jittable).
+
+    Raises:
+      ValueError: on missing gates, mismatched shapes, or a recurrent mask that is not
+        block-structured for `block_shape`.
+    """
+    kin, bin_, kh, bh_, min_, mh = _layer_arrays(params, masks, GATES)
+    hidden = kh[0].shape[1]
+    dtype = np.dtype(dtype) if dtype is not None else kh[0].dtype
+    w_h = _gate_padded(GATES, kh, mh, block_shape, dtype)
+    b_i = np.concatenate([bin_[0] + bh_[0], bin_[1] + bh_[1], bin_[2]])
+    feat, panel = _ell_arrays(w_h, hidden) if ell else (None, None)
+    return SparseGRUWeights(
+        w_i=_masked_input(kin, min_).astype(dtype), b_i=b_i.astype(dtype), w_h=w_h,
+        b_hn=bh_[2].astype(dtype), ell_feat=feat, ell_values=panel, hidden=hidden,
+    )
+
+
+def sparse_lstm_weights(
+    params: Mapping[str, Any],
+    masks: Mapping[str, Any],
+    block_shape: tuple[int, int],
+    *,
+    dtype: Any = None,
+) -> SparseLSTMWeights:
+    """Builds `sparse_lstm`'s weights from a trained `bsrnn.cells.RecurrentLayer` (cell
+    "lstm").
+
+    Args:
+      params: the layer's params, {"input_i": {"kernel": (D, H), "bias": (H,)}, ...,
+        "recurrent_o": {...}} (gates i, f, g, o).
+      masks: the layer's masks at the same paths; the recurrent masks must be
+        block-structured for `block_shape`, each gate tiled on its own (partial edge blocks
+        allowed). Input masks are applied densely.
+      block_shape: (bh, bw) the recurrent kernels were pruned with.
+      dtype: dtype of weights and computation; default the params'.
+
+    Returns:
+      `SparseLSTMWeights` (numpy arrays inside; host-side construction, not jittable).
+
+    Raises:
+      ValueError: on missing gates, mismatched shapes, or a recurrent mask that is not
+        block-structured for `block_shape`.
+    """
+    kin, bin_, kh, bh_, min_, mh = _layer_arrays(params, masks, LSTM_GATES)
+    dtype = np.dtype(dtype) if dtype is not None else kh[0].dtype
+    return SparseLSTMWeights(
+        w_i=_masked_input(kin, min_).astype(dtype),
+        b=(np.concatenate(bin_) + np.concatenate(bh_)).astype(dtype),
+        w_h=_gate_padded(LSTM_GATES, kh, mh, block_shape, dtype), hidden=kh[0].shape[1])
 
 
 def sparse_rnn_weights(
@@ -397,42 +370,375 @@ def sparse_rnn_weights(
     if cell not in RNN_CELLS:
         raise ValueError(f"cell must be one of {RNN_CELLS}, got {cell!r}")
     (k_i,), (b_i,), (k_h,), (b_h,), (m_i,), (m_h,) = _layer_arrays(params, masks, ("h",))
-    if m_i.shape != k_i.shape:
-        raise ValueError(f"input_h: kernel {k_i.shape} and mask {m_i.shape} must match")
     dtype = np.dtype(dtype) if dtype is not None else k_h.dtype
     w_h = _compress_recurrent("h", k_h, m_h, block_shape, dtype)
     return SparseRNNWeights(w_i=np.where(m_i, k_i, 0).astype(dtype),
                             b=(b_i + b_h).astype(dtype), w_h=w_h, cell=cell)
 
 
-def sparse_rnn(
-    x: jax.Array, weights: SparseRNNWeights, h0: jax.Array | None = None, *, unroll: int = 16
-) -> tuple[jax.Array, jax.Array]:
-    """A whole vanilla-RNN sequence forward, like `RecurrentLayer(cell, H)` without
-    `lengths`: h_t = act(x_t W_i + h_{t-1} W_h + b), W_h block-sparse (portable XLA path).
-    For a ``reverse=True`` layer (the backward half of a bidirectional RNN), flip the time
-    axis of ``x`` and of the outputs.
+def input_projection(x: jax.Array, weights: SparseWeights) -> jax.Array:
+    """xp = x @ W_i + b for all steps at once, time-major.
 
     Args:
       x: (B, T, D) inputs.
-      weights: from `sparse_rnn_weights`.
-      h0: (B, H) initial state; zeros if None.
-      unroll: `lax.scan` unroll factor.
+      weights: any of `SparseGRUWeights`, `SparseLSTMWeights`, `SparseRNNWeights`.
 
     Returns:
-      (outputs (B, T, H), final state h_T (B, H)), in the promoted dtype of x and the
-      weights; the activation is computed in float32.
+      (T, B, gates·H) in the weights' dtype (biases folded in as the weights say).
     """
     w_i = jnp.asarray(weights.w_i)
-    dtype = jnp.result_type(x.dtype, w_i.dtype)
-    h0 = _initial_state(h0, x.shape[0], weights.w_h.shape[1], dtype)
-    xp = jnp.einsum("btd,dh->tbh", x.astype(dtype), w_i.astype(dtype)) + jnp.asarray(weights.b)
+    if x.ndim != 3 or x.shape[-1] != w_i.shape[0]:
+        raise ValueError(f"x must be (B, T, D) with D = {w_i.shape[0]}, got shape {x.shape}")
+    bias = weights.b_i if isinstance(weights, SparseGRUWeights) else weights.b
+    return jnp.einsum("btd,dg->tbg", x.astype(w_i.dtype), w_i) + jnp.asarray(bias)
 
-    def step(h, xp_t):
-        f32 = jnp.float32
-        pre = xp_t.astype(f32) + bsc_matmul_xla(h, weights.w_h).astype(f32)
-        h = (jnp.tanh(pre) if weights.cell == "rnn" else jnp.clip(pre, 0.0, 20.0)).astype(dtype)
-        return h, h
 
-    last, out = jax.lax.scan(step, h0, xp, unroll=unroll)
-    return jnp.swapaxes(out, 0, 1), last
+gru_input_projection = input_projection  # the name the GRU kernels' callers know
+
+
+def _n_gates(weights: SparseWeights) -> int:
+    return len(cells.GATES[weights.cell])
+
+
+def _cell_update(weights: SparseWeights, xp_t: jax.Array, a: jax.Array, carry: Any) -> Any:
+    """One step's new carry from the step's input projection xp_t (B, gates·H), the
+    recurrent product a = h @ W_h (B, gates·Hp) and the old carry; float32 gate math, the
+    carry rounded to its dtype."""
+    f32, hidden = jnp.float32, weights.hidden
+    hp = a.shape[-1] // _n_gates(weights)
+    xs = [xp_t[:, g * hidden:(g + 1) * hidden].astype(f32) for g in range(_n_gates(weights))]
+    hs = [a[:, g * hp:g * hp + hidden].astype(f32) for g in range(_n_gates(weights))]
+    if weights.cell == "gru":
+        b_hn = jnp.asarray(weights.b_hn).astype(f32)
+        return cells.gru_gates(*xs, hs[0], hs[1], hs[2] + b_hn,
+                               carry.astype(f32)).astype(carry.dtype)
+    if weights.cell == "lstm":
+        h, c = cells.lstm_gates(*(x + p for x, p in zip(xs, hs, strict=True)),
+                                carry[1].astype(f32))
+        return h.astype(carry[0].dtype), c.astype(carry[1].dtype)
+    return cells.rnn_activation(weights.cell, xs[0] + hs[0]).astype(carry.dtype)
+
+
+def _scan(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, unroll: int) -> Any:
+    """The "dense" and "xla" paths: lax.scan over steps, one product h @ W_h per step."""
+    if impl == "dense":
+        w_dense = dense_kernel(weights.w_h).astype(xp.dtype)
+
+        def product(h):
+            return jnp.dot(h, w_dense, preferred_element_type=jnp.float32)
+    else:
+        def product(h):
+            return bsc_matmul_xla(h, weights.w_h)
+
+    def step(carry, xp_t):
+        h = carry[0] if weights.cell == "lstm" else carry
+        carry = _cell_update(weights, xp_t, product(h), carry)
+        return carry, carry
+
+    return jax.lax.scan(step, carry0, xp, unroll=unroll)[1]
+
+
+@functools.cache
+def _mosaic_module() -> Any:
+    """`bsrnn.kernels.mosaic_gpu`, or None where it is missing or fails to import."""
+    try:
+        return importlib.import_module("bsrnn.kernels.mosaic_gpu")
+    except Exception:  # noqa: BLE001  (any import failure only removes the candidate)
+        return None
+
+
+def _gpu_only(impl: str) -> None:
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"impl={impl!r} needs a GPU; use 'auto', 'xla', 'dense' or "
+                         f"'{impl.split('_')[0]}_interpret'")
+
+
+def _gru_kernel(xp: jax.Array, weights: SparseGRUWeights, h0: jax.Array, impl: str,
+                unroll: int, options: dict[str, Any]) -> jax.Array:
+    """The GRU kernels: (T, B, H) states from xp (T, B, 3·H)."""
+    steps, batch, _ = xp.shape
+    hidden, dtype = weights.hidden, xp.dtype
+    if impl == "mosaic":
+        module = _mosaic_module()
+        reason = "bsrnn.kernels.mosaic_gpu is missing or failed to import" if module is None \
+            else module.unsupported(weights, batch)
+        if reason:
+            raise ResourceError(f"impl='mosaic' cannot run here: {reason}")
+        return module.gru_recurrence_mosaic(xp, weights, h0, **options).astype(dtype)
+    interpret = impl.endswith("_interpret")
+    if not interpret:
+        _gpu_only(impl)
+    hbuf = jnp.zeros(((steps + 1) * batch, hidden), dtype).at[:batch].set(h0)
+    w_h, ell = weights.w_h, weights.ell
+    b_hn = jnp.asarray(weights.b_hn).astype(dtype)
+    if impl.startswith("persistent"):
+        reason = recurrence_pallas.persistent_unsupported(
+            xp.shape, dtype, w_h, ell, **options, interpret=interpret)
+        if reason:
+            raise ResourceError(f"impl={impl!r} cannot run GRU H={hidden} with "
+                                f"{w_h.block_shape} blocks at batch {batch}: {reason}. "
+                                "Use impl='auto' or 'pallas'.")
+        hbuf, sync = recurrence_pallas.gru_persistent_pallas(
+            hbuf, xp, w_h, b_hn, hidden=hidden, ell=ell, interpret=interpret, **options)
+        hbuf = recurrence_pallas.checked_persistent_output(
+            hbuf, sync, steps, recurrence_pallas.persistent_programs(
+                xp.shape, w_h, ell, **options))
+    else:
+        def step(carry, _):
+            hbuf, cnt = carry
+            return recurrence_pallas.gru_step_pallas(
+                hbuf, cnt, xp, w_h, b_hn, hidden=hidden, ell=ell, interpret=interpret,
+                **options), None
+
+        (hbuf, _), _ = jax.lax.scan(
+            step, (hbuf, jnp.zeros((1,), jnp.int32)), None, length=steps, unroll=unroll)
+    return hbuf[batch:].reshape(steps, batch, hidden)
+
+
+def _recurrence(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, unroll: int,
+                options: dict[str, Any]) -> Any:
+    """All steps' carries (each (T, B, H)) from xp (T, B, gates·H), for a forced impl."""
+    if impl in _SCAN_IMPLS:
+        if options:
+            raise ValueError(f"impl={impl!r} takes no kernel options, got {sorted(options)}")
+        return _scan(xp, weights, carry0, impl, unroll)
+    if impl in _GRU_KERNELS and weights.cell == "gru":
+        return _gru_kernel(xp, weights, carry0, impl, unroll, options)
+    valid = ("auto", *_SCAN_IMPLS) + (_GRU_KERNELS if weights.cell == "gru" else ())
+    raise ValueError(f"impl must be one of {valid} for a {weights.cell} layer, got {impl!r}")
+
+
+def _initial_carry(carry0: Any, weights: SparseWeights, batch: int, dtype: Any) -> Any:
+    """The initial carry in ``dtype`` (zeros if None), shapes checked."""
+    hidden = weights.hidden
+    parts = 2 if weights.cell == "lstm" else 1
+    if carry0 is None:
+        carry0 = (None,) * parts
+    elif parts == 2:
+        if not (isinstance(carry0, tuple | list) and len(carry0) == 2):
+            raise ValueError("an LSTM's initial carry is a pair (h0, c0), each (B, H)")
+    else:
+        carry0 = (carry0,)
+    out = []
+    for name, c in zip(("h0", "c0")[:parts], carry0, strict=True):
+        c = jnp.zeros((batch, hidden), dtype) if c is None else jnp.asarray(c).astype(dtype)
+        if c.shape != (batch, hidden):
+            raise ValueError(f"{name} has shape {c.shape}, expected {(batch, hidden)}")
+        out.append(c)
+    return tuple(out) if parts == 2 else out[0]
+
+
+def _recurrence_dtype(weights: SparseWeights) -> Any:
+    """The computation dtype: the weights' (x is cast to it by the input projection)."""
+    return jnp.result_type(weights.dtype, jnp.asarray(weights.w_i).dtype)
+
+
+def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any,
+                 impl: str = "auto") -> str:
+    """The implementation `impl="auto"` runs for these weights, batch, steps and dtype
+    (``impl`` itself when it is not "auto")."""
+    if impl != "auto":
+        return impl
+    candidates: dict[str, Callable[[], str | None]] = {"dense": lambda: None,
+                                                       "xla": lambda: None}
+    if weights.cell == "gru":
+        on_gpu = jax.default_backend() == "gpu"
+        gpu = (lambda: None) if on_gpu else (lambda: "needs a GPU")
+        if on_gpu:  # the fused step kernel does xla's work in 1 launch per step, not 2-4,
+            # and was faster in every measured GPU cell (WORKSPACE.md): not worth compiling
+            candidates["xla"] = lambda: "the step kernel replaces it on GPUs"
+        candidates["pallas"] = gpu
+        candidates["persistent"] = (lambda: recurrence_pallas.persistent_unsupported(
+            (steps, batch, 3 * weights.hidden), dtype, weights.w_h, weights.ell)) \
+            if on_gpu else gpu
+
+        def mosaic() -> str | None:
+            module = _mosaic_module()
+            if module is None:
+                return "bsrnn.kernels.mosaic_gpu is missing or failed to import"
+            return module.unsupported(weights, batch)
+
+        candidates["mosaic"] = mosaic
+    key = autotune.key(f"sparse_{weights.cell.split('_')[0]}", cell=weights.cell,
+                       d=int(np.shape(weights.w_i)[0]), h=weights.hidden,
+                       block=weights.block_shape, nnzb=weights.w_h.nnzb, batch=batch,
+                       steps=steps, dtype=jnp.dtype(dtype).name)
+
+    def make(name: str) -> Callable[[], Any]:
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((batch, steps, np.shape(weights.w_i)[0])), dtype)
+        fn = jax.jit(lambda x, w: _sequence(x, w, None, None, False, name, 16, {})[0])
+        return lambda: fn(x, weights)
+
+    return autotune.choose(key, candidates, make, measurable=autotune.is_concrete(weights),
+                           fallback=("xla",))
+
+
+def _final_and_outputs(seqs: tuple[jax.Array, ...], carry0: tuple[jax.Array, ...],
+                       lengths: jax.Array | None, steps: int):
+    """(outputs (B, T, H) with zeros at and past each length, each carry part's state at
+    step length - 1, or its initial value for length 0)."""
+    outputs = jnp.swapaxes(seqs[0], 0, 1)
+    if steps == 0:
+        return outputs, carry0
+    if lengths is None:
+        return outputs, tuple(s[-1] for s in seqs)
+    batch = outputs.shape[0]
+    last = jnp.clip(lengths - 1, 0, steps - 1)
+    started = (lengths > 0)[:, None]
+    final = tuple(jnp.where(started, s[last, jnp.arange(batch)], c)
+                  for s, c in zip(seqs, carry0, strict=True))
+    valid = jnp.arange(steps)[None, :, None] < lengths[:, None, None]
+    return jnp.where(valid, outputs, jnp.zeros((), outputs.dtype)), final
+
+
+def _sequence(x: jax.Array, weights: SparseWeights, carry0: Any, lengths: jax.Array | None,
+              reverse: bool, impl: str, unroll: int, options: dict[str, Any]):
+    """The one place for lengths and direction, shared by every cell and implementation."""
+    if x.ndim != 3:
+        raise ValueError(f"x must be (B, T, D), got shape {x.shape}")
+    batch, steps, _ = x.shape
+    dtype = _recurrence_dtype(weights)
+    carry0 = _initial_carry(carry0, weights, batch, dtype)
+    if lengths is not None:
+        lengths = jnp.asarray(lengths)
+        if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise ValueError(f"lengths must be ({batch},) integers, got {lengths.shape} "
+                             f"{lengths.dtype}")
+    if options and impl == "auto":
+        raise ValueError(f"kernel options {sorted(options)} need a forced impl=")
+    impl = resolve_impl(weights, batch, steps, dtype, impl)
+    if reverse:
+        x = jnp.flip(x, 1) if lengths is None else cells.reverse_sequences(x, lengths)
+    xp = input_projection(x, weights).astype(dtype)
+    parts = carry0 if weights.cell == "lstm" else (carry0,)
+    if steps == 0:
+        seqs = tuple(jnp.zeros((0, batch, weights.hidden), dtype) for _ in parts)
+    else:
+        seqs = _recurrence(xp, weights, carry0, impl, unroll, options)
+        seqs = seqs if weights.cell == "lstm" else (seqs,)
+    outputs, final = _final_and_outputs(seqs, parts, lengths, steps)
+    if reverse:
+        outputs = jnp.flip(outputs, 1) if lengths is None else cells.reverse_sequences(
+            outputs, lengths)
+    return outputs, final if weights.cell == "lstm" else final[0]
+
+
+def gru_recurrence(
+    xp: jax.Array,
+    weights: SparseGRUWeights,
+    h0: jax.Array | None = None,
+    *,
+    impl: RecurrenceImpl = "auto",
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> jax.Array:
+    """The sequential part of a GRU sequence: all h_t from the input projections.
+
+    Args:
+      xp: (T, B, 3·H) from `input_projection`.
+      weights: `SparseGRUWeights`.
+      h0: (B, H) initial state; zeros if None.
+      impl: as in `sparse_gru` ("auto" picks for this batch and T).
+      unroll: `lax.scan` unroll factor of the "dense", "xla" and "pallas" loops.
+      **kernel_options: passed to `recurrence_pallas.gru_step_pallas` ("pallas") or
+        `gru_persistent_pallas` ("persistent"): layout, compute, rows_per_step, ...
+
+    Returns:
+      (T, B, H) states h_1 .. h_T, in the promoted dtype of xp and the weights. Gate math is
+      done in float32 and the state is rounded to that dtype after every step.
+
+    Raises:
+      ResourceError: a forced kernel cannot run at this size here.
+      A runtime error (when the result is read) if a persistent-kernel barrier gave up.
+    """
+    steps, batch, three_h = xp.shape
+    if three_h != 3 * weights.hidden:
+        raise ValueError(f"xp has {three_h} features, expected 3·H = {3 * weights.hidden}")
+    dtype = jnp.result_type(xp.dtype, weights.dtype)
+    h0 = _initial_carry(h0, weights, batch, dtype)
+    if steps == 0:
+        return jnp.zeros((0, batch, weights.hidden), dtype)
+    if kernel_options and impl == "auto":
+        raise ValueError(f"kernel options {sorted(kernel_options)} need a forced impl=")
+    impl = resolve_impl(weights, batch, steps, dtype, impl)
+    return _recurrence(xp.astype(dtype), weights, h0, impl, unroll, kernel_options)
+
+
+_SEQUENCE_ARGS = """
+    Args:
+      x: (B, T, D) inputs.
+      weights: from `{builder}`.
+      {carry}
+      lengths: (B,) int valid steps per row (None: all T). As in `RecurrentLayer`: steps
+        at or past a row's length output zeros and leave its state alone.
+      reverse: run each row from its last valid step back to its first (the backward half
+        of a bidirectional layer); outputs stay aligned with the inputs.
+      impl: "auto" (fastest measured here, dense included), "dense", "xla"{kernels}.
+      unroll: `lax.scan` unroll factor of the looped paths.
+      **kernel_options: launch options of a forced kernel impl.
+
+    Returns:
+      (outputs (B, T, H), final carry {final}), in the weights' dtype (x is cast to it);
+      gate math in float32, the state rounded to that dtype every step.
+"""
+
+
+def sparse_gru(
+    x: jax.Array,
+    weights: SparseGRUWeights,
+    h0: jax.Array | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    reverse: bool = False,
+    impl: RecurrenceImpl = "auto",
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> tuple[jax.Array, jax.Array]:
+    return _sequence(x, weights, h0, lengths, reverse, impl, unroll, kernel_options)
+
+
+def sparse_lstm(
+    x: jax.Array,
+    weights: SparseLSTMWeights,
+    carry0: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    reverse: bool = False,
+    impl: RecurrenceImpl = "auto",
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _sequence(x, weights, carry0, lengths, reverse, impl, unroll, kernel_options)
+
+
+def sparse_rnn(
+    x: jax.Array,
+    weights: SparseRNNWeights,
+    h0: jax.Array | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    reverse: bool = False,
+    impl: RecurrenceImpl = "auto",
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> tuple[jax.Array, jax.Array]:
+    return _sequence(x, weights, h0, lengths, reverse, impl, unroll, kernel_options)
+
+
+sparse_gru.__doc__ = "A whole GRU sequence forward, like `RecurrentLayer(\"gru\", H)`.\n" + \
+    _SEQUENCE_ARGS.format(
+        builder="sparse_gru_weights", carry="h0: (B, H) initial state; zeros if None.",
+        kernels=', "pallas", "persistent", "mosaic" (GPU kernels; "pallas_interpret" and '
+        '"persistent_interpret" run them in the Pallas interpreter)',
+        final="h (B, H), each row's state after its last valid step")
+sparse_lstm.__doc__ = "A whole LSTM sequence forward, like `RecurrentLayer(\"lstm\", H)`.\n" + \
+    _SEQUENCE_ARGS.format(
+        builder="sparse_lstm_weights",
+        carry="carry0: (h0, c0), each (B, H); zeros if None.", kernels="",
+        final="(h, c), each (B, H), after each row's last valid step")
+sparse_rnn.__doc__ = ("A whole vanilla-RNN sequence forward, like `RecurrentLayer(cell, H)` "
+                      "with cell \"rnn\" or \"rnn_clipped_relu\":\nh_t = act(x_t W_i + "
+                      "h_{t-1} W_h + b), W_h block-sparse.\n") + _SEQUENCE_ARGS.format(
+    builder="sparse_rnn_weights", carry="h0: (B, H) initial state; zeros if None.",
+    kernels="", final="h (B, H), each row's state after its last valid step")

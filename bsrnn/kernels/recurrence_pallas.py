@@ -44,41 +44,28 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from bsrnn import cells
+from bsrnn.kernels.bsc import BlockSparseMatrix
+from bsrnn.kernels.pallas_gpu import (
+    acc_init,
+    acc_result,
+    accumulate,
+    column_walk,
+    launch_config,
+)
 
 Layout = Literal["bsc", "ell"]
 Compute = Literal["fma", "dot"]
 
-_FMA_ACC_ELEMENTS = 8192  # TM * R * bw_pad of the "fma" accumulator
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _sigmoid(x: jax.Array) -> jax.Array:
-    return 1.0 / (1.0 + jnp.exp(-x))
-
-
-def _launch_config(batch, bw, compute, rows_per_step, max_tm, k_ell):
-    """(compute, tm, bw_pad, rows_per_step) defaults shared by both kernels."""
-    if compute is None:
-        compute = "fma" if batch <= 4 else "dot"
-    if compute == "fma":
-        tm, bw_pad = next_pow2(batch), next_pow2(bw)
-        rows = rows_per_step or min(256, max(1, _FMA_ACC_ELEMENTS // (tm * bw_pad)))
-    elif compute == "dot":
-        tm, bw_pad = min(max(16, next_pow2(batch)), max_tm), max(16, next_pow2(bw))
-        rows = rows_per_step or 64
-    else:
-        raise ValueError(f'compute must be "fma" or "dot", got {compute!r}')
-    if rows & (rows - 1):
-        raise ValueError(f"rows_per_step must be a power of two, got {rows}")
-    if k_ell is not None:
-        rows = min(rows, k_ell)
-    return compute, tm, bw_pad, rows
+def _launch_config(batch, bw, dtype, compute, rows_per_step, max_tm, k_ell):
+    """`pallas_gpu.launch_config` (the one set of launch defaults), panel rows per step
+    capped at the ell width K."""
+    compute, tm, bw_pad, rows = launch_config(batch, bw, dtype, compute, rows_per_step, max_tm)
+    return compute, tm, bw_pad, rows if k_ell is None else min(rows, k_ell)
 
 
 class _Cfg:
@@ -92,56 +79,36 @@ def _gate_acc(cfg, w_refs, hbuf_ref, h_rows, m_ok, c_ok, jj, hold=None):
     """float32 (tm, bw_pad) accumulator of h_t @ (block column jj of W_h)."""
     c = jnp.arange(cfg.bw_pad, dtype=jnp.int32)
     rows_per_step = cfg.rows_per_step
-    load_h = functools.partial(plgpu.load, other=0, volatile=cfg.h_volatile)
 
-    def product(xg, wv, acc):
-        if cfg.compute == "fma":
-            return acc + xg.astype(jnp.float32)[:, :, None] * wv.astype(jnp.float32)[None]
-        return acc + jnp.dot(xg, wv, preferred_element_type=jnp.float32,
-                             precision=cfg.precision)
-
-    if cfg.compute == "fma":
-        acc0 = jnp.zeros((cfg.tm, rows_per_step, cfg.bw_pad), jnp.float32)
-    else:
-        acc0 = jnp.zeros((cfg.tm, cfg.bw_pad), jnp.float32)
-
-    def finish(acc):
-        return acc.sum(axis=1) if cfg.compute == "fma" else acc
-
-    if hold is not None:  # "ell" chunks (features (R,), panel (R, bw_pad)) in registers
-        acc = acc0
-        for feat, wv in hold:  # straight-line code: every chunk's gather can be in flight
-            xg = load_h(hbuf_ref.at[h_rows[:, None], feat[None, :]], mask=m_ok[:, None])
-            acc = product(xg.astype(cfg.dtype), wv, acc)
-        return finish(acc)
+    def gather(feat, ok):
+        return plgpu.load(hbuf_ref.at[h_rows[:, None], feat[None, :]],
+                          mask=m_ok[:, None] & ok[None, :], other=0, volatile=cfg.h_volatile)
 
     if cfg.layout == "bsc":
         col_ptr_ref, row_idx_ref, panel_ref = w_refs
-        start = col_ptr_ref[jj] * cfg.bh
-        stop = col_ptr_ref[jj + 1] * cfg.bh
-        n_steps = (stop - start + rows_per_step - 1) // rows_per_step
-    else:
-        feat_ref, panel_ref = w_refs
-        start = jj * cfg.k_ell
-        n_steps = cfg.k_ell // rows_per_step
+        return column_walk(col_ptr_ref[jj] * cfg.bh, col_ptr_ref[jj + 1] * cfg.bh, row_idx_ref,
+                           panel_ref, gather, bh=cfg.bh, bw=cfg.bw, bw_pad=cfg.bw_pad,
+                           n_in=cfg.hidden, tm=cfg.tm, rows_per_step=rows_per_step,
+                           compute=cfg.compute, dtype=cfg.dtype, precision=cfg.precision)
+    everywhere = jnp.ones((rows_per_step,), bool)  # ell padding: feature 0, zero weights
+    acc = acc_init(cfg.compute, cfg.tm, rows_per_step, cfg.bw_pad)
+    if hold is not None:  # "ell" chunks (features (R,), panel (R, bw_pad)) in registers
+        for feat, wv in hold:  # straight-line code: every chunk's gather can be in flight
+            acc = accumulate(acc, gather(feat, everywhere).astype(cfg.dtype), wv, cfg.compute,
+                             cfg.precision)
+        return acc_result(acc, cfg.compute)
+    feat_ref, panel_ref = w_refs
+    start = jj * cfg.k_ell
 
     def step(i, acc):
         r = start + i * rows_per_step + jnp.arange(rows_per_step, dtype=jnp.int32)
-        if cfg.layout == "bsc":
-            r_ok = r < stop
-            block_row = plgpu.load(row_idx_ref.at[r // cfg.bh], mask=r_ok, other=0)
-            feat = block_row * cfg.bh + r % cfg.bh
-            x_ok = m_ok[:, None] & (r_ok & (feat < cfg.hidden))[None, :]
-            w_ok = r_ok[:, None] & c_ok[None, :]
-        else:  # padding rows carry feature 0 and zero weights
-            feat = plgpu.load(feat_ref.at[r])
-            x_ok = m_ok[:, None]
-            w_ok = c_ok[None, :]
-        xg = load_h(hbuf_ref.at[h_rows[:, None], feat[None, :]], mask=x_ok).astype(cfg.dtype)
-        wv = plgpu.load(panel_ref.at[r[:, None], c[None, :]], mask=w_ok, other=0)
-        return product(xg, wv.astype(cfg.dtype), acc)
+        feat = plgpu.load(feat_ref.at[r])
+        wv = plgpu.load(panel_ref.at[r[:, None], c[None, :]], mask=c_ok[None, :], other=0)
+        return accumulate(acc, gather(feat, everywhere).astype(cfg.dtype),
+                          wv.astype(cfg.dtype), cfg.compute, cfg.precision)
 
-    return finish(jax.lax.fori_loop(0, n_steps, step, acc0))
+    acc = jax.lax.fori_loop(0, cfg.k_ell // rows_per_step, step, acc)
+    return acc_result(acc, cfg.compute)
 
 
 class _Tile:
@@ -179,12 +146,9 @@ class _Tile:
 
 
 def _gru_gates(x, accs, h_old, b_hn):
-    """h_{t+1} (float32) from the input tiles x = (x_r, x_z, x_n), the three recurrent
-    accumulators, h_t and b_hn (bw_pad,)."""
-    r = _sigmoid(x[0] + accs[0])
-    z = _sigmoid(x[1] + accs[1])
-    n = jnp.tanh(x[2] + r * (accs[2] + b_hn[None, :]))
-    return (1.0 - z) * n + z * h_old
+    """h_{t+1} (float32) of a tile, from its input tiles x = (x_r, x_z, x_n), the three
+    recurrent accumulators, h_t and b_hn (bw_pad,): `bsrnn.cells.gru_gates` traced here."""
+    return cells.gru_gates(*x, accs[0], accs[1], accs[2] + b_hn[None, :], h_old)
 
 
 def _load_holds(cfg, w_refs, q_col):
@@ -296,7 +260,7 @@ def _common_cfg(xp, w_h, ell, hidden, layout, compute, rows_per_step, max_tm, ho
     if layout == "ell" and ell is None:
         raise ValueError('layout="ell" needs weights built with ell=True')
     k_ell = None if layout == "bsc" else ell[0].shape[-1]
-    compute, tm, bw_pad, rows = _launch_config(batch, bw, compute, rows_per_step,
+    compute, tm, bw_pad, rows = _launch_config(batch, bw, dtype, compute, rows_per_step,
                                                max_tm, k_ell)
     if hold and layout != "ell":
         raise ValueError('hold=True needs layout="ell"')
@@ -362,6 +326,112 @@ def gru_step_pallas(
     )(cnt, *w_args, xp.reshape(-1, 3 * hidden), b_hn, hbuf)
 
 
+def _persistent_grid(common: dict, max_programs: int | None) -> tuple[int, int, int]:
+    """(block columns per program, column programs, batch tiles) of the persistent grid."""
+    if max_programs is None:
+        max_programs = getattr(jax.devices()[0], "core_count", None) or 108
+    n_btiles = pl.cdiv(common["batch"], common["tm"])
+    per_tile = max(1, max_programs // n_btiles)
+    cols_per_program = pl.cdiv(common["nbc_g"], per_tile)
+    n_col_programs = pl.cdiv(common["nbc_g"], cols_per_program)
+    if n_col_programs * n_btiles > max_programs:
+        raise ValueError(
+            f"persistent kernel needs {n_btiles} batch tiles x >= 1 column programs, more "
+            f"than max_programs={max_programs} (all must be resident at once); use the "
+            "step kernel")
+    return cols_per_program, n_col_programs, n_btiles
+
+
+def _option(options: dict, name: str, default):
+    value = options.get(name)
+    return default if value is None else value
+
+
+def persistent_programs(xp_shape: tuple[int, int, int], w_h, ell, **options) -> int:
+    """How many programs `gru_persistent_pallas` launches for these shapes and options
+    (the sync word counts T of them per completed run)."""
+    steps, batch, three_h = xp_shape
+    xp = jax.ShapeDtypeStruct((steps, batch, three_h), w_h.values.dtype)
+    common = _common_cfg(xp, w_h, ell, three_h // 3, _option(options, "layout", "ell"),
+                         options.get("compute"), options.get("rows_per_step"),
+                         _option(options, "max_tm", 32), _option(options, "hold", True))
+    _, n_col_programs, n_btiles = _persistent_grid(common, options.get("max_programs"))
+    return n_col_programs * n_btiles
+
+
+def _raise_if_barrier_failed(sync, expected) -> None:
+    sync = np.asarray(sync)
+    if int(sync[1]) or int(sync[0]) != int(expected):
+        raise RuntimeError(
+            f"persistent GRU kernel: {int(sync[1])} grid-barrier waits gave up (sync counter "
+            f"{int(sync[0])}, expected {int(expected)}): not all programs were resident at "
+            "once, or spin_limit is too small. Its states are wrong; use impl='pallas'.")
+
+
+def checked_persistent_output(hbuf: jax.Array, sync: jax.Array, steps: int,
+                              programs: int) -> jax.Array:
+    """`hbuf` from `gru_persistent_pallas` once its sync word says every barrier completed.
+
+    When one gave up, reading the result raises (a host callback in the graph: the error
+    surfaces when the result is used), and the states are NaN in any case, never numbers.
+    """
+    expected = steps * programs
+    jax.debug.callback(_raise_if_barrier_failed, sync, expected)
+    ok = (sync[0] == expected) & (sync[1] == 0)
+    return jnp.where(ok, hbuf, jnp.asarray(jnp.nan, hbuf.dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _probe(batch, three_h, dtype_name, w_h_meta, ell_meta, options) -> str | None:
+    hidden = three_h // 3
+    dtype = jnp.dtype(dtype_name)
+    shape, block_shape, nnzb, ncol = w_h_meta
+    with jax.ensure_compile_time_eval():
+        w_h = BlockSparseMatrix(jnp.zeros((max(nnzb, 1), *block_shape), dtype),
+                                jnp.zeros((max(nnzb, 1),), jnp.int32),
+                                jnp.zeros((ncol + 1,), jnp.int32), shape, block_shape)
+        ell = None if ell_meta is None else (jnp.zeros(ell_meta[:2], jnp.int32),
+                                             jnp.zeros(ell_meta, dtype))
+        steps = 2
+        opts = dict(options)
+        try:
+            programs = persistent_programs((steps, batch, three_h), w_h, ell, **opts)
+            hbuf = jnp.zeros(((steps + 1) * batch, hidden), dtype)
+            xp = jnp.zeros((steps, batch, three_h), dtype)
+            run = jax.jit(functools.partial(gru_persistent_pallas, hidden=hidden, **opts))
+            _, sync = run(hbuf, xp, w_h, jnp.zeros((hidden,), dtype), ell=ell)
+            sync = np.asarray(sync)
+        except Exception as e:  # noqa: BLE001  (the reason is what the caller reports)
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            limit = next((ln for ln in lines if "RESOURCE" in ln or "limit" in ln.lower()
+                          or "resources" in ln), lines[0] if lines else type(e).__name__)
+            return f"{type(e).__name__}: {limit.strip()[:300]}"
+    if sync[1] or sync[0] != steps * programs:
+        return (f"its {programs} programs are not all resident at once (a probe's barrier "
+                f"gave up: sync {sync.tolist()})")
+    return None
+
+
+def persistent_unsupported(xp_shape: tuple[int, int, int], dtype, w_h, ell,
+                           **options) -> str | None:
+    """Why `gru_persistent_pallas` cannot run these shapes on this GPU, or None if it can.
+
+    Checked before launch by compiling and running the kernel on two steps of zeros with
+    the same static shapes and options (cached per shape): a compile that exceeds the
+    shared-memory limit, a launch out of registers, or programs that are not all resident
+    at once (the probe's barrier gives up) each give their reason. None with
+    ``interpret=True``.
+    """
+    if options.pop("interpret", False):
+        return None  # the interpreter has no resource limits
+    _, batch, three_h = xp_shape
+    w_h_meta = (tuple(w_h.shape), tuple(w_h.block_shape), int(w_h.nnzb),
+                int(w_h.grid_shape[1]))
+    ell_meta = None if ell is None else tuple(int(d) for d in ell[1].shape)
+    opts = tuple(sorted(options.items()))
+    return _probe(int(batch), int(three_h), jnp.dtype(dtype).name, w_h_meta, ell_meta, opts)
+
+
 def gru_persistent_pallas(
     hbuf: jax.Array,
     xp: jax.Array,
@@ -395,24 +465,16 @@ def gru_persistent_pallas(
       num_warps: default 8 (held panels spread over more registers).
       spin_limit: polls after which a barrier wait gives up (then results are wrong and
         the second sync word counts the give-ups).
-      interpret: run in the Pallas interpreter, which runs programs one after another: only
-        meaningful with max_programs=1 (CPU tests of everything but the barrier).
+      interpret: run in the Pallas interpreter, which runs programs one after another: with
+        max_programs=1 it tests everything but the barrier; with more, the first program's
+        barrier waits give up (a forced barrier failure).
 
     Returns:
       (hbuf, sync): sync (2,) int32 = (T · programs when every barrier completed, number of
       barrier waits that gave up).
     """
     common = _common_cfg(xp, w_h, ell, hidden, layout, compute, rows_per_step, max_tm, hold)
-    if max_programs is None:
-        max_programs = getattr(jax.devices()[0], "core_count", None) or 108
-    n_btiles = pl.cdiv(common["batch"], common["tm"])
-    per_tile = max(1, max_programs // n_btiles)
-    cols_per_program = pl.cdiv(common["nbc_g"], per_tile)
-    n_col_programs = pl.cdiv(common["nbc_g"], cols_per_program)
-    if n_col_programs * n_btiles > max_programs:
-        raise ValueError(
-            f"persistent kernel needs {n_btiles} batch tiles x >= 1 column programs, more "
-            f"than max_programs={max_programs}; use the step kernel")
+    cols_per_program, n_col_programs, n_btiles = _persistent_grid(common, max_programs)
     cfg = _Cfg(**common, cols_per_program=cols_per_program, spin_limit=spin_limit,
                h_volatile=True,  # other programs' writes: bypass the (incoherent) L1
                interpret=interpret)

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,11 @@ BLOCKS = ((1, 1), (4, 4), (8, 8), (16, 16), (32, 32))
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97)
 
 
-def measure(ns: list[int], reps: int, calls: int) -> list[dict]:
-    """Speedup of the Pallas product over ``jnp.dot`` for every (N, block, sparsity)."""
+def measure(ns: list[int], reps: int, calls: int, budget_s: float = float("inf"),
+            on_point=None) -> list[dict]:
+    """Speedup of the Pallas product over ``jnp.dot`` for every (N, block, sparsity), until
+    ``budget_s`` seconds have passed; ``on_point(points)`` after each point."""
+    t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     kernel = rng.standard_normal((1760, 1760)).astype(np.float32)
     points = []
@@ -43,6 +47,9 @@ def measure(ns: list[int], reps: int, calls: int) -> list[dict]:
         xs = list(jax.random.normal(jax.random.key(n), (reps, n, 1760)).astype(jnp.float16))
         for block in BLOCKS:
             for sparsity in SPARSITIES:
+                if time.perf_counter() - t0 > budget_s:
+                    print("time budget spent: stopping", flush=True)
+                    return points
                 mask = block_mask(rng, kernel.shape, block, sparsity)
                 masked = np.where(mask, kernel, 0.0)
                 k16 = jnp.asarray(masked, jnp.float16)
@@ -66,6 +73,8 @@ def measure(ns: list[int], reps: int, calls: int) -> list[dict]:
                              speedup=dense_us / sparse_us, rel_err=err)
                 print(json.dumps(point), flush=True)
                 points.append(point)
+                if on_point is not None:
+                    on_point(points)
     return points
 
 
@@ -103,6 +112,8 @@ def main() -> None:
     parser.add_argument("--json", default="break_even.json")
     parser.add_argument("--plot", default="", help="a JSON written by this script: plot it")
     parser.add_argument("--png", default="break_even.png")
+    parser.add_argument("--budget_s", type=float, default=200.0,
+                        help="stop measuring after this many seconds (JSON kept)")
     args = parser.parse_args()
     if args.plot:
         with open(args.plot) as f:
@@ -111,9 +122,22 @@ def main() -> None:
         return
     device = jax.devices()[0]
     header = f"{device.device_kind}, jax {jax.__version__}, GPU kernel time (profiler)"
-    points = measure([int(n) for n in args.ns.split(",")], args.reps, args.calls)
-    with open(args.json, "w") as f:
-        json.dump({"header": header, "points": points}, f, indent=1)
+
+    def save(points):
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "points": points}, f, indent=1)
+
+    points = measure([int(n) for n in args.ns.split(",")], args.reps, args.calls,
+                     args.budget_s, save)
+    save(points)
+    print("| N | block | " + " | ".join(f"{s:.0%}" for s in SPARSITIES) + " |")
+    print("|---|---|" + "---|" * len(SPARSITIES))
+    for n in dict.fromkeys(p["n"] for p in points):
+        for block in dict.fromkeys(p["block"] for p in points):
+            by = {p["sparsity"]: p for p in points if p["n"] == n and p["block"] == block}
+            if by:
+                print(f"| {n} | {block} | " + " | ".join(
+                    f"{by[s]['speedup']:.2f}x" if s in by else "" for s in SPARSITIES) + " |")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""Whole GRU sequences: block-sparse recurrence kernels vs dense JAX scan vs cuDNN (SPEC §2.6).
+"""Whole RNN/GRU/LSTM sequences: block-sparse recurrence kernels vs dense JAX scan vs cuDNN.
 
-Sizes: hidden H in {2560, 1760}, input width D = H (a layer of a stack), T = 256 steps,
-batch B in {1, 8, 32}, fp16; each recurrent gate kernel (H, H) with exactly 90% of its
-blocks pruned at random (blocks 16x16, 32x32, 4x4), input kernels dense.
+Cases (`--cases cell:H,...`, default the issue-12 targets GRU 2560, GRU 1760, RNN 1760,
+LSTM 1500), input width D = H (a layer of a stack), T = 256 steps, batch B in {1, 8, 32},
+fp16 (`--dtype`); each recurrent gate kernel (H, H) with exactly 90% of its blocks pruned at
+random (blocks 16x16, 32x32, 4x4), input kernels dense.
 
 Methods, all on the same masked weights, in one process:
 
-- `cudnn`: torch.nn.GRU (cuDNN), fp16, batch_first, weights = the masked kernels.
-- `dense`: `bsrnn.cells.RecurrentLayer("gru", H, dtype=fp16, unroll=U)`: the masked dense
+- `cudnn`: torch.nn.GRU / LSTM / RNN (cuDNN), fp16, batch_first, weights = the masked
+  kernels (GPU only).
+- `dense`: `bsrnn.cells.RecurrentLayer(cell, H, dtype=fp16, unroll=U)`: the masked dense
   kernels in `lax.scan` (cuBLAS per step).
-- ours (`bsrnn.kernels.sparse_gru`): `xla` (lax.scan, bsc_matmul_xla per step),
+- ours (`bsrnn.kernels.sparse_gru` / `sparse_lstm` / `sparse_rnn`): `auto` (the default
+  impl: measured choice among dense, xla and the kernels; the record says which it chose),
+  `xla` (lax.scan, bsc_matmul_xla per step); GRU only:
   `pallas` (one fused Pallas step kernel per step in lax.scan(unroll=U), BSC panels),
   `pallas_ell` / `pallas_hold` (the same with fixed-width panels / one-shot panel tiles),
   `persist` (one persistent kernel for all steps, weight panels held in registers),
@@ -35,6 +39,7 @@ persistent kernel's barrier counter is checked (every barrier completed, none ga
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -46,7 +51,9 @@ import time
 import numpy as np
 
 METHODS = {  # label: (impl, kernel options, unroll)
+    "auto": ("auto", {}, 16),
     "xla": ("xla", {}, 16),
+    "mosaic": ("mosaic", {}, 1),
     "pallas": ("pallas", {}, 16),
     "pallas_ell": ("pallas", {"layout": "ell"}, 16),
     "pallas_hold": ("pallas", {"layout": "ell", "hold": True}, 16),
@@ -60,22 +67,26 @@ METHODS = {  # label: (impl, kernel options, unroll)
 }
 
 
-def block_masks(rng, hidden, block_shape, sparsity):
-    """Three (H, H) gate masks, each keeping exactly round((1 - s)·blocks) random blocks."""
+GATES = {"gru": "rzn", "lstm": "ifgo", "rnn": "h"}
+ANY_CELL = ("auto", "xla")  # the methods every cell has; the others are GRU kernels
+
+
+def block_masks(rng, hidden, block_shape, sparsity, n_gates=3):
+    """(H, H) gate masks, each keeping exactly round((1 - s)·blocks) random blocks."""
     bh, bw = block_shape
     grid = (-(-hidden // bh), -(-hidden // bw))
     out = []
-    for _ in range(3):
+    for _ in range(n_gates):
         keep = np.zeros(grid[0] * grid[1], bool)
         keep[rng.permutation(keep.size)[: round((1 - sparsity) * keep.size)]] = True
         out.append(np.kron(keep.reshape(grid), np.ones(block_shape, bool))[:hidden, :hidden])
     return out
 
 
-def layer_variables(rng, hidden, in_features, masks):
+def layer_variables(rng, hidden, in_features, masks, cell="gru"):
     """RecurrentLayer-shaped params (random, kernels ~ 1/sqrt(fan_in)) and masks."""
     params, mask_tree = {}, {}
-    for g, m in zip("rzn", masks, strict=True):
+    for g, m in zip(GATES[cell], masks, strict=True):
         params[f"input_{g}"] = {
             "kernel": (rng.standard_normal((in_features, hidden)) / np.sqrt(in_features))
             .astype(np.float32),
@@ -181,32 +192,40 @@ def named_jit(fn, label):
     return jax.jit(fn)
 
 
-def run_case(bench, hidden, block, batch, params, masks, weights, xs_np, h0_np, baselines):
-    """Times the methods of one (H, block, B) case; baselines also when `baselines`."""
+def carry_of(cell, h):
+    """The initial carry of ``cell`` from one (B, H) array: (h, h) for the LSTM."""
+    return (h, h) if cell == "lstm" else h
+
+
+def run_case(bench, cell, hidden, block, batch, params, masks, weights, xs_np, h0_np,
+             baselines):
+    """Times the methods of one (cell, H, block, B) case; baselines also when `baselines`."""
     import jax
     import jax.numpy as jnp
 
     from bsrnn import kernels
     from bsrnn.cells import RecurrentLayer
-    from bsrnn.kernels import recurrence_pallas
-
     a = bench.args
     steps = a.steps
-    f16 = jnp.float16
+    f16 = jnp.dtype(a.dtype)
+    sequence = {"gru": kernels.sparse_gru, "lstm": kernels.sparse_lstm,
+                "rnn": kernels.sparse_rnn}[cell]
     xs = [(jnp.asarray(x, f16), jnp.asarray(h0_np, f16)) for x in xs_np[1:]]
     x_check, h0 = jnp.asarray(xs_np[0], f16), jnp.asarray(h0_np, f16)
     variables = {"params": params, "masks": masks}
     with jax.default_matmul_precision("highest"):
-        ref, _ = jax.jit(lambda x, h: RecurrentLayer("gru", hidden).apply(
-            variables, x.astype(jnp.float32), initial_carry=h.astype(jnp.float32)))(
+        ref, _ = jax.jit(lambda x, h: RecurrentLayer(cell, hidden).apply(
+            variables, x.astype(jnp.float32),
+            initial_carry=carry_of(cell, h.astype(jnp.float32))))(
                 x_check, h0)
     ref = np.asarray(ref)
-    base = dict(hidden=hidden, block=block, batch=batch, steps=steps, dtype="float16")
+    base = dict(cell=cell, hidden=hidden, block=block, batch=batch, steps=steps,
+                dtype=f16.name)
     jobs = {}
     wd = jax.tree.map(jnp.asarray, weights)
 
-    def jax_method(label, fn, check=True):
-        rec = dict(base, method=label)
+    def jax_method(label, fn, check=True, **extra):
+        rec = dict(base, method=label, **extra)
         if bench.out_of_time():
             bench.add(**rec, us_step=None, error="skipped: out of time budget")
             return
@@ -217,20 +236,23 @@ def run_case(bench, hidden, block, batch, params, masks, weights, xs_np, h0_np, 
             setup = time.perf_counter() - t
             us = time_jax(fn, xs, a.calls, a.rounds) * 1e6 / steps
             jobs[label] = (fn, xs[0])
+            if label == "auto":  # which implementation "auto" measured as the fastest
+                rec["chose"] = kernels.resolve_impl(wd, batch, steps, f16)
             bench.add(**rec, us_step=us, err=err, setup_s=setup)
         except Exception as e:  # noqa: BLE001  (record and carry on: one run, many methods)
             bench.add(**rec, us_step=None, error=f"{type(e).__name__}: {str(e)[:400]}")
 
     if baselines:
         if "proj" in a.methods:
-            jax_method("proj", lambda x, h: kernels.gru_input_projection(x, wd), check=False)
+            jax_method("proj", lambda x, h: kernels.input_projection(x, wd), check=False)
         if "dense" in a.methods:
-            layer = RecurrentLayer("gru", hidden, dtype=f16, unroll=a.unroll)
-            jax_method("dense", lambda x, h: layer.apply(variables, x, initial_carry=h)[0])
+            layer = RecurrentLayer(cell, hidden, dtype=f16, unroll=a.unroll)
+            jax_method("dense", lambda x, h: layer.apply(
+                variables, x, initial_carry=carry_of(cell, h))[0])
         if "cudnn" in a.methods:
             torch_cudnn(bench, base, params, masks, xs_np, h0_np, ref)
     for label in a.methods:
-        if label not in METHODS:
+        if label not in METHODS or (cell != "gru" and label not in ANY_CELL):
             continue
         impl, options, unroll = METHODS[label]
         if label == "xla" and (batch * hidden * steps > a.xla_max_work or
@@ -241,25 +263,9 @@ def run_case(bench, hidden, block, batch, params, masks, weights, xs_np, h0_np, 
         if impl == "persistent" and not bench.meta.get("persistent_ok", False):
             bench.add(**base, method=label, us_step=None, error="skipped: canary failed")
             continue
-        if impl == "persistent":  # the barrier counter: all completed, none gave up
-            try:
-                xp = kernels.gru_input_projection(x_check, wd)
-                hbuf = jnp.zeros(((steps + 1) * batch, hidden), f16).at[:batch].set(h0)
-                _, sync = jax.jit(lambda hbuf, xp, o=options: recurrence_pallas
-                                  .gru_persistent_pallas(hbuf, xp, wd.w_h, wd.b_hn,
-                                                         hidden=hidden, ell=wd.ell, **o))(
-                    hbuf, xp)
-                sync = np.asarray(sync)
-                if sync[1] or sync[0] % steps:
-                    bench.add(**base, method=label, us_step=None,
-                              error=f"barrier check failed: sync={sync.tolist()}")
-                    continue
-            except Exception as e:  # noqa: BLE001
-                bench.add(**base, method=label, us_step=None,
-                          error=f"{type(e).__name__}: {str(e)[:400]}")
-                continue
-        jax_method(label, lambda x, h, i=impl, o=options, u=unroll: kernels.sparse_gru(
-            x, wd, h, impl=i, unroll=u, **o)[0])
+        # (a persistent kernel whose barrier gave up raises: recorded as an error)
+        jax_method(label, lambda x, h, i=impl, o=options, u=unroll: sequence(
+            x, wd, carry_of(cell, h), impl=i, unroll=u, **o)[0])
     if a.profile and jobs:
         try:
             for label, (us, launches) in profile(jobs, steps).items():
@@ -285,14 +291,19 @@ def torch_cudnn(bench, base, params, masks, xs_np, h0_np, ref):
         return
     try:
         t = time.perf_counter()
-        hidden, in_features = base["hidden"], xs_np[0].shape[-1]
-        gru = torch.nn.GRU(in_features, hidden, batch_first=True)
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device for torch")
+        cell, hidden, in_features = base["cell"], base["hidden"], xs_np[0].shape[-1]
+        gates = GATES[cell]
+        module = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM,
+                  "rnn": functools.partial(torch.nn.RNN, nonlinearity="tanh")}[cell]
+        gru = module(in_features, hidden, batch_first=True)
 
         def cat(kind, part):
             return np.concatenate([np.where(masks[f"{kind}_{g}"]["kernel"],
                                             params[f"{kind}_{g}"]["kernel"], 0)
                                    if part == "kernel" else params[f"{kind}_{g}"]["bias"]
-                                   for g in "rzn"], axis=-1)
+                                   for g in gates], axis=-1)
 
         with torch.no_grad():
             gru.weight_ih_l0.copy_(torch.tensor(cat("input", "kernel").T))
@@ -305,7 +316,7 @@ def torch_cudnn(bench, base, params, masks, xs_np, h0_np, ref):
 
         def fn(x, h):
             with torch.no_grad():
-                return gru(x, h)[0]
+                return gru(x, (h, h) if cell == "lstm" else h)[0]
 
         err = rel_err(fn(*xs[0]).float().cpu().numpy(), ref)
         setup = time.perf_counter() - t
@@ -358,14 +369,18 @@ def _canary_main():
 def markdown(bench):
     recs = [r for r in bench.records if r.get("steps")]
     lines = []
-    for hidden in sorted({r["hidden"] for r in recs}, reverse=True):
-        sub = [r for r in recs if r["hidden"] == hidden]
+    for name, hidden in dict.fromkeys((r["cell"], r["hidden"]) for r in recs):
+        sub = [r for r in recs if r["hidden"] == hidden and r["cell"] == name]
         base = {(r["batch"], r["method"]): r for r in sub if r["method"] in
                 ("cudnn", "dense", "proj")}
-        ours = [m for m in bench.args.methods if m in METHODS]
-        lines += [f"**GRU {hidden}, T = {bench.args.steps}, fp16, 90% block-sparse recurrent "
-                  "weights**: µs per step, whole sequence incl. the input projection "
-                  "(× = cuDNN time / this)", ""]
+        ours = [m for m in bench.args.methods if m in METHODS and any(
+            r["method"] == m for r in sub)]
+        vs = "cuDNN" if any(r["method"] == "cudnn" and r.get("us_step") for r in sub) \
+            else "dense JAX"
+        lines += [f"**{name.upper()} {hidden}, T = {bench.args.steps}, {bench.args.dtype}, "
+                  f"{bench.args.sparsity:.0%} block-sparse recurrent weights**: µs per step, "
+                  f"whole sequence incl. the input projection (× = {vs} time / this; auto: "
+                  "the impl it chose)", ""]
         head = ["B", "block", "cuDNN", "dense JAX", "proj"] + ours
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -377,7 +392,7 @@ def markdown(bench):
             s = f"{r['us_step']:.2f}"
             if ref and ref.get("us_step"):
                 s += f" ({ref['us_step'] / r['us_step']:.1f}×)"
-            return s
+            return s + (f" {r['chose']}" if r.get("chose") else "")
 
         for block in dict.fromkeys(r["block"] for r in sub):
             for batch in sorted({r["batch"] for r in sub}):
@@ -385,14 +400,16 @@ def markdown(bench):
                 if not any(m in by for m in ours):
                     continue
                 cud = base.get((batch, "cudnn"))
-                row = [str(batch), block, cell(cud), cell(base.get((batch, "dense")), cud),
+                ref = cud if vs == "cuDNN" else base.get((batch, "dense"))
+                row = [str(batch), block, cell(cud), cell(base.get((batch, "dense")), ref),
                        cell(base.get((batch, "proj")))]
-                row += [cell(by.get(m), cud) for m in ours]
+                row += [cell(by.get(m), ref) for m in ours]
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         prof = [r for r in sub if r.get("kernels_per_step") is not None]
         if prof:
-            lines += [f"GRU {hidden}: GPU kernel time per step (profiler) / launches per step",
+            lines += [f"{name.upper()} {hidden}: GPU kernel time per step (profiler) / "
+                      "launches per step",
                       "", "| B | block | method | kernel µs/step | launches/step | err |",
                       "|---|---|---|---|---|---|"]
             for r in prof:
@@ -408,13 +425,14 @@ def main():
         _canary_main()
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", default="2560,1760")
+    p.add_argument("--cases", default="gru:2560,gru:1760,rnn:1760,lstm:1500",
+                   help="cell:H pairs; cells gru, lstm, rnn (tanh)")
+    p.add_argument("--dtype", default="float16")
     p.add_argument("--batch", default="1,8,32")
     p.add_argument("--blocks", default="16x16,32x32,4x4")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--methods", default="cudnn,dense,proj,xla,pallas,pallas_ell,pallas_hold,"
-                                        "persist,persist_l2")
+    p.add_argument("--methods", default="cudnn,dense,proj,auto,xla,pallas,persist,mosaic")
     p.add_argument("--unroll", type=int, default=16, help="dense JAX scan unroll")
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
@@ -456,34 +474,32 @@ def main():
     except Exception as e:  # noqa: BLE001
         bench.meta["torch"] = f"unavailable: {e}"
     print(json.dumps(bench.meta), flush=True)
-    hiddens = [int(h) for h in args.hidden.split(",")]
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
-    inputs = {}
-    for hidden in hiddens:
-        rng = np.random.default_rng(hidden)
-        inputs[hidden] = (
-            {b: [rng.standard_normal((b, args.steps, hidden)).astype(np.float32)
-                 for _ in range(4)] for b in batches},
-            {b: (0.5 * rng.standard_normal((b, hidden))).astype(np.float32) for b in batches})
+    builders = {"gru": kernels.sparse_gru_weights, "lstm": kernels.sparse_lstm_weights,
+                "rnn": kernels.sparse_rnn_weights}
     blocks = args.blocks.split(",")
     for i, block in enumerate(blocks):  # block shapes outermost: the later ones are extras
-        for hidden in hiddens:
-            rng = np.random.default_rng([hidden, i])
+        for cell, hidden in cases:
+            rng = np.random.default_rng([hidden, i, len(GATES[cell])])
             block_shape = tuple(int(s) for s in block.split("x"))
             if bench.out_of_time():
-                print(f"H={hidden} {block}: skipped, out of time budget", flush=True)
+                print(f"{cell} H={hidden} {block}: skipped, out of time budget", flush=True)
                 continue
             params, masks = layer_variables(
-                rng, hidden, hidden, block_masks(rng, hidden, block_shape, args.sparsity))
+                rng, hidden, hidden,
+                block_masks(rng, hidden, block_shape, args.sparsity, len(GATES[cell])), cell)
             t = time.perf_counter()
-            weights = kernels.sparse_gru_weights(params, masks, block_shape, dtype=jnp.float16)
-            print(f"H={hidden} {block}: {weights.w_h.nnzb} blocks "
-                  f"({weights.w_h.values.nbytes / 1e6:.2f} MB), ell K={weights.ell_feat.shape[1]}"
-                  f", built in {time.perf_counter() - t:.1f}s", flush=True)
-            xs_np, h0s = inputs[hidden]
+            weights = builders[cell](params, masks, block_shape, dtype=jnp.dtype(args.dtype))
+            print(f"{cell} H={hidden} {block}: {weights.w_h.nnzb} blocks "
+                  f"({weights.w_h.values.nbytes / 1e6:.2f} MB), built in "
+                  f"{time.perf_counter() - t:.1f}s", flush=True)
             for batch in batches:
-                run_case(bench, hidden, block, batch, params, masks, weights, xs_np[batch],
-                         h0s[batch], baselines=(i == 0))
+                xs_np = [rng.standard_normal((batch, args.steps, hidden)).astype(np.float32)
+                         for _ in range(4)]
+                h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(np.float32)
+                run_case(bench, cell, hidden, block, batch, params, masks, weights, xs_np,
+                         h0, baselines=(i == 0))
     md = markdown(bench)
     print("\n" + md)
     if args.markdown:

@@ -4,7 +4,9 @@ Paper sizes: RNN 1760 (K 1760x1760, 90% block sparsity) and GRU 2560 (K 2560x768
 the three gates' W of 7680x2560, 95% block sparsity); x of N rows, N in {1, 8, 32, 128}.
 Methods, each on the same masked weights and fresh random inputs, in one process:
 
-- jax: `dense` (jnp.dot on K * mask: cuBLAS), `xla` (bsrnn.kernels.bsc_matmul_xla; in
+- jax: `dense` (jnp.dot on K * mask: cuBLAS), `auto` (`bsrnn.kernels.bsc_matmul`'s default:
+  the fastest of dense, xla and pallas measured once per size; the table names its choice),
+  `xla` (bsrnn.kernels.bsc_matmul_xla; in
   CPU mode also `xla_dot` and `xla_fma`, its two product forms, beside its own choice),
   `pallas` (bsrnn.kernels.bsc_matmul_pallas), `bcsr` (jax.experimental.sparse.BCSR,
   element-sparse, timed for 4x4 masks only: its cost does not depend on the block shape).
@@ -46,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsrnn.kernels import bsc_matmul_pallas, bsc_matmul_xla
+from bsrnn.kernels import bsc_matmul, bsc_matmul_pallas, bsc_matmul_xla, matmul_impl
 from bsrnn.kernels.bsc import BlockSparseMatrix, from_dense
 
 MATRICES = {  # name: (in_features, out_features, block sparsity)
@@ -214,8 +216,12 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
     xs = list(jax.random.normal(key, (a.reps, n, n_in), jnp.float32).astype(dtype))
     # Check on the first timed input: the fp32 product on the same rounded operands.
     ref = jnp.dot(xs[0].astype(jnp.float32), k32, precision=jax.lax.Precision.HIGHEST)
+    # "auto" (bsc_matmul's default) measures its candidates once on the concrete weights
+    # here; inside the timed jit (weights traced) it reuses that decision.
+    chose = matmul_impl(wd, n, dtype)
     methods = {
         "dense": (lambda x, k: jnp.dot(x, k), (kd,), a.reps),
+        "auto": (bsc_matmul, (wd,), a.reps),
         "xla": (bsc_matmul_xla, (wd,), a.reps_xla),
     }
     if a.mode == "cpu":  # both product forms of the XLA path, beside its automatic choice
@@ -236,6 +242,8 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
     recs, jobs = {}, {}
     for method, (op, extra, reps) in methods.items():
         rec = dict(matrix=name, dtype=jnp.dtype(dtype).name, block=block, n=n, method=method)
+        if method == "auto":
+            rec["chose"] = chose
         try:
             fn = chained(op, reps, method)
             err = rel_err(fn(xs[:reps], *extra)[0], ref)
@@ -422,7 +430,8 @@ def markdown_tables(records, methods, dtypes):
                             cells.append("error")
                         else:
                             ratio = f" ({r['ratio']:.2f}×)" if r.get("ratio") else ""
-                            cells.append(f"{r['us']:.1f}{ratio}")
+                            chose = f" {r['chose']}" if r.get("chose") else ""
+                            cells.append(f"{r['us']:.1f}{ratio}{chose}")
                     if any(cells):
                         lines.append(f"| {b} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -546,8 +555,8 @@ def main(argv=None):
                                 error=f"{type(e).__name__}: {str(e)[:300]}",
                             )
                     bench.save()
-    methods = ["dense", "xla", "xla_dot", "xla_fma", *pallas_cfgs, "bcsr", "t_dense", "t_csr",
-               "t_bsr"]
+    methods = ["dense", "auto", "xla", "xla_dot", "xla_fma", *pallas_cfgs, "bcsr", "t_dense",
+               "t_csr", "t_bsr"]
     tables = markdown_tables(bench.records, methods, dtypes)
     print(tables)
     if a.markdown:
