@@ -86,8 +86,7 @@ def test_lm_logits_equal_the_masked_dense_model(tmp_path, cell, num_layers, mask
     np.testing.assert_allclose(rebuilt.apply(rebuilt_variables, tokens)[0], want, rtol=1e-5,
                                atol=1e-5)
     sparse = inference.load(path)
-    if cell != "lstm":  # the kernels have no LSTM yet: it runs masked dense
-        assert all(layer.sparse is not None for layer in sparse.weights.layers)
+    assert all(layer.sparse is not None for layer in sparse.weights.layers)
     if mask_output:
         assert isinstance(sparse.weights.output.kernel, BlockSparseMatrix)
 
@@ -149,7 +148,7 @@ def test_ds2_logits_equal_the_masked_dense_model_with_lengths(tmp_path, cell, bi
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     kernels_used = [layer.sparse is not None for depth in loaded.weights.layers
                     for layer in depth]
-    assert all(kernels_used) if cell != "lstm" else not any(kernels_used)
+    assert all(kernels_used)  # every cell, the LSTM included, runs on the kernels
     assert isinstance(loaded.weights.fc.kernel, BlockSparseMatrix)
     if cell != "gru":
         return

@@ -50,6 +50,7 @@ IMPLS = ("auto", "dense", "xla", "pallas", "pallas_interpret")
 # Cells with a whole-sequence sparse kernel: (weights builder, sequence function).
 _KERNEL_CELLS: dict[str, tuple[Callable, Callable]] = {
     "gru": (kernels.sparse_gru_weights, kernels.sparse_gru),
+    "lstm": (kernels.sparse_lstm_weights, kernels.sparse_lstm),
     "rnn": (functools.partial(kernels.sparse_rnn_weights, cell="rnn"), kernels.sparse_rnn),
     "rnn_clipped_relu": (
         functools.partial(kernels.sparse_rnn_weights, cell="rnn_clipped_relu"),
@@ -70,12 +71,12 @@ class Linear:
     Attributes:
       kernel: (D, F) array or `BlockSparseMatrix`.
       bias: (F,) or None.
-      impl: the kernels' `impl` for a block-sparse K (None: their default) (static).
+      impl: the kernels' `impl` for a block-sparse K (static).
     """
 
     kernel: Any
     bias: Any
-    impl: str | None = _static(default=None)
+    impl: str = _static(default="auto")
 
 
 @jax.tree_util.register_dataclass
@@ -87,7 +88,7 @@ class Recurrent:
       sparse: the kernels' prepared weights (e.g. `kernels.SparseGRUWeights`), or None.
       params, masks: the `bsrnn.cells.RecurrentLayer` params and masks (dense path), or None.
       cell, features, reverse: as in `RecurrentLayer` (static).
-      impl: the kernels' `impl` (None: their default) (static).
+      impl: the kernels' `impl` (static).
     """
 
     sparse: Any
@@ -96,7 +97,7 @@ class Recurrent:
     cell: str = _static()
     features: int = _static()
     reverse: bool = _static(default=False)
-    impl: str | None = _static(default=None)
+    impl: str = _static(default="auto")
 
 
 def linear(layer: Linear, x: jax.Array) -> jax.Array:
@@ -133,22 +134,8 @@ def recurrent(
         return module.apply({"params": layer.params, "masks": layer.masks}, x, lengths,
                             initial_carry=carry)
     run = _KERNEL_CELLS[layer.cell][1]
-    options = {} if layer.impl is None or layer.cell != "gru" else {"impl": layer.impl}
-    batch, steps = x.shape[:2]
-    if layer.reverse:
-        x = jnp.flip(x, 1) if lengths is None else cells.reverse_sequences(x, lengths)
-    outputs, last = run(x, layer.sparse, carry, **options)
-    if lengths is not None:
-        valid = jnp.arange(steps)[None, :] < lengths[:, None]
-        outputs = jnp.where(valid[..., None], outputs, 0)
-        at_last = jnp.take_along_axis(
-            outputs, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-        start = _zero_initial(layer.cell, batch, layer.features, outputs.dtype) if (
-            carry is None) else carry.astype(outputs.dtype)
-        last = jnp.where((lengths > 0)[:, None], at_last, start)
-    if layer.reverse:
-        outputs = jnp.flip(outputs, 1) if lengths is None else cells.reverse_sequences(
-            outputs, lengths)
+    outputs, last = run(x, layer.sparse, carry, lengths=lengths, reverse=layer.reverse,
+                        impl=layer.impl)
     return outputs, last
 
 
@@ -197,8 +184,8 @@ def _linear(params: dict, impl: str, dtype: Any) -> Linear:
                   _kernel_impl(impl))
 
 
-def _kernel_impl(impl: str) -> str | None:
-    return None if impl in ("auto", "dense") else impl
+def _kernel_impl(impl: str) -> str:
+    return "auto" if impl == "dense" else impl
 
 
 def _recurrent(params: dict, cell: str, impl: str, dtype: Any, reverse: bool = False
