@@ -139,9 +139,12 @@ def _torch_lm(model, variables):
     params = jax.device_get(variables["params"])
     masks = jax.device_get(variables["masks"])
 
-    def masked(layer, name):
-        kernel = np.asarray(params[layer][name]["kernel"])
-        mask = masks.get(layer, {}).get(name, {}).get("kernel")
+    def masked(*path):
+        """The kernel at params[path...]["kernel"], times its mask where it has one."""
+        kernel, mask = params, masks
+        for key in (*path, "kernel"):
+            kernel, mask = kernel[key], (mask or {}).get(key)
+        kernel = np.asarray(kernel)
         return kernel if mask is None else np.where(mask, kernel, 0)
 
     gates = {"gru": "rzn", "lstm": "ifgo", "rnn": "h"}[model.cell]
@@ -158,7 +161,7 @@ def _torch_lm(model, variables):
                                 ("bias_hh", b_hh)):
                 getattr(rnn, f"{name}_l{i}").copy_(torch.from_numpy(np.ascontiguousarray(value)))
     embed = torch.from_numpy(np.asarray(params["embed"]["embedding"])).cuda()
-    out_w = torch.from_numpy(np.ascontiguousarray(masked("output", "kernel"))).cuda()
+    out_w = torch.from_numpy(np.ascontiguousarray(masked("output"))).cuda()
     out_b = torch.from_numpy(np.asarray(params["output"]["bias"])).cuda()
     return torch, rnn, embed, out_w, out_b
 
