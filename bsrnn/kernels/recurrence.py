@@ -70,9 +70,26 @@ class ResourceError(ValueError):
     programs): raised before launch when that kernel is forced with `impl=`."""
 
 
+class _BlockSparseRecurrence:
+    """What every layer's prepared weights say about their block-sparse recurrent kernel
+    ``w_h`` (a mixin of `SparseGRUWeights`, `SparseLSTMWeights`, `SparseRNNWeights`)."""
+
+    w_h: BlockSparseMatrix
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """(bh, bw) of the recurrent blocks."""
+        return self.w_h.block_shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the recurrent block values."""
+        return self.w_h.values.dtype
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SparseGRUWeights:
+class SparseGRUWeights(_BlockSparseRecurrence):
     """A GRU layer's weights prepared for `sparse_gru` / `gru_recurrence`.
 
     Attributes:
@@ -102,16 +119,6 @@ class SparseGRUWeights:
     cell = "gru"
 
     @property
-    def block_shape(self) -> tuple[int, int]:
-        """(bh, bw) of the recurrent blocks."""
-        return self.w_h.block_shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        """dtype of the recurrent block values."""
-        return self.w_h.values.dtype
-
-    @property
     def ell(self) -> tuple[jax.Array, jax.Array] | None:
         """(ell_feat, ell_values), or None when built without them."""
         return None if self.ell_feat is None else (self.ell_feat, self.ell_values)
@@ -119,7 +126,7 @@ class SparseGRUWeights:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SparseLSTMWeights:
+class SparseLSTMWeights(_BlockSparseRecurrence):
     """An LSTM layer's weights prepared for `sparse_lstm`.
 
     Attributes:
@@ -137,20 +144,10 @@ class SparseLSTMWeights:
 
     cell = "lstm"
 
-    @property
-    def block_shape(self) -> tuple[int, int]:
-        """(bh, bw) of the recurrent blocks."""
-        return self.w_h.block_shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        """dtype of the recurrent block values."""
-        return self.w_h.values.dtype
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SparseRNNWeights:
+class SparseRNNWeights(_BlockSparseRecurrence):
     """A vanilla RNN layer's weights prepared for `sparse_rnn`.
 
     Attributes:
@@ -173,16 +170,6 @@ class SparseRNNWeights:
     def hidden(self) -> int:
         """H."""
         return self.w_h.shape[1]
-
-    @property
-    def block_shape(self) -> tuple[int, int]:
-        """(bh, bw) of the recurrent blocks."""
-        return self.w_h.block_shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        """dtype of the recurrent block values."""
-        return self.w_h.values.dtype
 
 
 SparseWeights = SparseGRUWeights | SparseLSTMWeights | SparseRNNWeights
