@@ -554,8 +554,10 @@ def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any,
     def make(name: str) -> Callable[[], Any]:
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((batch, steps, np.shape(weights.w_i)[0])), dtype)
-        fn = jax.jit(lambda x, w: _sequence(x, w, None, None, False, name, 16, {})[0])
-        return lambda: fn(x, weights)
+        # The weights are closed over, as a caller who wants `auto` to measure passes them
+        # (and as the Mosaic kernel needs them: it re-lays them out on the host).
+        fn = jax.jit(lambda x: _sequence(x, weights, None, None, False, name, 16, {})[0])
+        return lambda: fn(x)
 
     return autotune.choose(key, candidates, make, measurable=autotune.is_concrete(weights),
                            fallback=("xla",))
