@@ -121,6 +121,40 @@ def test_sampling_carries_the_state_like_a_step_by_step_loop(tmp_path):
     assert greedy[0, 0] == first
 
 
+@pytest.mark.parametrize("winner", ["dense", "xla"])
+def test_auto_layers_get_the_measured_choice_before_jit(tmp_path, winner):
+    # The models pass their weights to jit as arguments, where `auto` cannot measure: each
+    # shape's choices are resolved first, on the concrete weights (timings injected here).
+    from bsrnn import kernels
+
+    rng = np.random.default_rng(2)
+    kwargs = dict(vocab_size=7, cell="gru", features=8, num_layers=1, embed_dim=4)
+    model = lm.Model(**kwargs)
+    variables = model.init(jax.random.key(2), jnp.zeros((1, 3), jnp.int32))
+    params = _randomised(rng, variables["params"])
+    masks = _random_block_masks(rng, variables["masks"])
+    path = _export(tmp_path, params, masks, dict(LM_INFO, kwargs=kwargs, vocab={
+        "tokens": ["\n", "a", "b", "c", "d", "e", "f"], "unk": None}))
+    loaded = inference.load(path)
+    seconds = {"dense": 1.0, "xla": 2.0} if winner == "dense" else {"dense": 2.0, "xla": 1.0}
+    timed = []
+
+    def timer(thunks):
+        timed.append(sorted(thunks))
+        return {name: seconds.get(name, 3.0) for name in thunks}
+
+    tokens = jnp.asarray(rng.integers(0, 7, (2, 5)), jnp.int32)
+    with kernels.autotune.using_timer(timer):
+        logits, _ = loaded(tokens)
+        resolved = loaded.weights_for(2, 5)
+        assert loaded.weights_for(2, 5) is resolved  # cached per shape
+        impls = [layer.impl for layer in resolved.layers] + [resolved.output.impl]
+    assert impls == [winner, winner]  # the GRU layer and the block-sparse softmax
+    assert len(timed) == 2 and all({"dense", "xla"} <= set(t) for t in timed)
+    ref, _ = model.apply({"params": params, "masks": masks}, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("cell, bidirectional, row_conv", [
     ("gru", False, 2), ("rnn_clipped_relu", True, 0), ("lstm", True, 1),
 ])

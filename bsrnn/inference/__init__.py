@@ -14,16 +14,18 @@ Every layer runs from the exported arrays through one function per layer kind:
 * `linear` (softmax and DS2's fully connected layer): `bsrnn.kernels.bsc_matmul` when the
   kernel is stored block-sparse, a dense product otherwise.
 * `recurrent` (every recurrent layer, stacked, bidirectional, with lengths): the kernels'
-  whole-sequence functions (`sparse_gru`, `sparse_rnn`) when the layer's recurrent kernels are
-  block-sparse and the kernels have the cell; otherwise the masked dense computation of
-  `bsrnn.cells.RecurrentLayer`. The LSTM has no sparse kernel yet, so it runs masked dense.
-  The kernels take neither lengths nor a direction yet; `recurrent` gets both exactly from a
-  forward run: a causal layer's outputs before each length do not depend on the padding, and a
-  backward layer is the forward layer on each sequence reversed within its length.
+  whole-sequence functions (`sparse_gru`, `sparse_lstm`, `sparse_rnn`, which take lengths and
+  a direction) when the layer's recurrent kernels are block-sparse with one block shape;
+  otherwise the masked dense computation of `bsrnn.cells.RecurrentLayer`.
 * DS2's convolutions and row convolution (never pruned) run the model's own Flax modules.
 
 `impl="dense"` runs every layer masked dense: the same numbers (the tests check it against
 the Flax model with its masks) and the baseline the benchmarks compare with.
+
+With `impl="auto"` the kernels choose per layer by measuring (`bsrnn.kernels.autotune`), which
+needs the weights concrete. The models' methods pass the weights to `jax.jit` as arguments, so
+before a shape's first call they resolve every layer's choice for that (batch, steps) outside
+jit (`measured`) and hand the jitted function the answer; your own jitted loop can do the same.
 """
 
 from __future__ import annotations
@@ -137,6 +139,29 @@ def recurrent(
     outputs, last = run(x, layer.sparse, carry, lengths=lengths, reverse=layer.reverse,
                         impl=layer.impl)
     return outputs, last
+
+
+def measured(weights: Any, batch: int, steps: int) -> Any:
+    """``weights`` with each "auto" layer's `impl` replaced by the kernels' measured choice
+    for inputs of ``batch`` rows and ``steps`` time steps (recurrent layers) or
+    ``batch * steps`` rows (linear layers).
+
+    Run it outside `jax.jit`, on concrete weights (an `LMWeights`, `DS2Weights`, or any tree
+    of `Recurrent` / `Linear` layers); the choices are cached per shape by the kernels.
+    """
+
+    def resolve(layer: Any) -> Any:
+        if isinstance(layer, Recurrent) and layer.sparse is not None and layer.impl == "auto":
+            return dataclasses.replace(
+                layer, impl=kernels.resolve_impl(layer.sparse, batch, steps))
+        if (isinstance(layer, Linear) and isinstance(layer.kernel, BlockSparseMatrix)
+                and layer.impl == "auto"):
+            return dataclasses.replace(layer, impl=kernels.matmul_impl(
+                layer.kernel, batch * steps, layer.kernel.dtype))
+        return layer
+
+    return jax.tree_util.tree_map(resolve, weights,
+                                  is_leaf=lambda x: isinstance(x, Recurrent | Linear))
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,7 +315,21 @@ def sample_tokens(
     return tokens.T
 
 
-class LanguageModel:
+class _Exported:
+    """What both exported models share: their weights, with `auto` resolved per shape."""
+
+    weights: Any
+
+    def weights_for(self, batch: int, steps: int) -> Any:
+        """`weights` with every "auto" layer's choice measured for ``batch`` rows and
+        ``steps`` recurrent steps (`measured`), cached per shape."""
+        cache = self.__dict__.setdefault("_measured", {})
+        if (batch, steps) not in cache:
+            cache[(batch, steps)] = measured(self.weights, batch, steps)
+        return cache[(batch, steps)]
+
+
+class LanguageModel(_Exported):
     """An exported language model (`load`); the vocabulary comes with it.
 
     Attributes:
@@ -315,7 +354,8 @@ class LanguageModel:
 
     def __call__(self, tokens: Any, carry: Any = None) -> tuple[jax.Array, tuple]:
         """tokens (B, T) int -> logits (B, T, V) float32 and the carry after them."""
-        return self._forward(self.weights, jnp.asarray(tokens, jnp.int32), carry)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        return self._forward(self.weights_for(*tokens.shape), tokens, carry)
 
     def initial_carry(self, batch_size: int) -> tuple:
         """Zero carries of every layer for `batch_size` rows."""
@@ -361,7 +401,7 @@ class LanguageModel:
             raise ValueError("the prompt encodes to no token; give at least one")
         prompt_ids = jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (batch_size, ids.size))
         noise = jax.random.gumbel(jax.random.key(seed), (length, batch_size, len(self.vocab)))
-        return np.asarray(self.sampler(self.weights, prompt_ids, None, noise,
+        return np.asarray(self.sampler(self.weights_for(batch_size, 1), prompt_ids, None, noise,
                                        temperature=float(temperature)))
 
     def sample(self, length: int, *, temperature: float = 1.0, prompt: str = "",
@@ -408,7 +448,7 @@ def ds2_forward(weights: DS2Weights, features: jax.Array, lengths: jax.Array
     return ds2._zero_padding(linear(weights.output, x).astype(jnp.float32), lengths), lengths
 
 
-class SpeechModel:
+class SpeechModel(_Exported):
     """An exported DS2 acoustic model (`load`), its CTC alphabet and feature normalisation.
 
     Attributes:
@@ -432,7 +472,16 @@ class SpeechModel:
 
     def __call__(self, features: Any, lengths: Any) -> tuple[jax.Array, jax.Array]:
         """Normalised features (B, T, F), lengths (B,) -> logits (B, T', C), lengths (B,)."""
-        return jax.jit(ds2_forward)(self.weights, jnp.asarray(features), jnp.asarray(lengths))
+        features = jnp.asarray(features)
+        return jax.jit(ds2_forward)(self.weights_for_frames(*features.shape[:2]), features,
+                                    jnp.asarray(lengths))
+
+    def weights_for_frames(self, batch: int, frames: int) -> Any:
+        """`weights_for` the recurrent layers' steps of a (batch, frames, F) input."""
+        steps = jnp.asarray([frames])
+        for stride in self.weights.conv_strides:
+            steps = ds2.output_lengths(steps, [stride[0]])
+        return self.weights_for(batch, int(steps[0]))
 
     def apply(self, variables: dict, features: jax.Array, lengths: jax.Array) -> Any:
         """The Flax model's interface (`variables["params"]` are `DS2Weights`), for
@@ -465,7 +514,8 @@ class SpeechModel:
     def transcribe_features(self, features: Sequence[np.ndarray]) -> list[str]:
         """Greedy CTC transcripts of normalised (T_i, F) feature arrays, one batch."""
         padded, lengths = data.pad_sequences(list(features), multiple=self.pad_multiple)
-        labels, counts = self._decode(self.weights, jnp.asarray(padded), jnp.asarray(lengths))
+        labels, counts = self._decode(self.weights_for_frames(*padded.shape[:2]),
+                                      jnp.asarray(padded), jnp.asarray(lengths))
         return ["".join(self.vocab.decode(seq))
                 for seq in ctc.decoded_sequences(labels, counts)]
 

@@ -82,13 +82,13 @@ def compare_sampling(
         def baked(forward, weights):
             return jax.jit(lambda p, n: sample_tokens(forward, weights, p, None, n, temperature))
 
-        sparse_fn = baked(lm_forward, exported.weights)
+        sparse_fn = baked(lm_forward, exported.weights_for(batch_size, 1))
         dense_fn = baked(_flax_lm_forward(model), dict(variables))
         fns = {"sparse": functools.partial(sparse_fn, prompt_ids, noise),
                "dense": functools.partial(dense_fn, prompt_ids, noise)}
     else:
-        fns = {"sparse": functools.partial(exported.sampler, exported.weights, prompt_ids,
-                                           None, noise, temperature=temperature),
+        fns = {"sparse": functools.partial(exported.sampler, exported.weights_for(batch_size, 1),
+                                           prompt_ids, None, noise, temperature=temperature),
                "dense": functools.partial(dense, dict(variables), prompt_ids, None, noise,
                                           temperature=temperature)}
     return _rates(interleaved_medians(fns, repeats), length * batch_size, "tokens_per_s")
@@ -103,7 +103,8 @@ def compare_scoring(
     tokens = jnp.asarray(tokens, jnp.int32)
     sparse = jax.jit(lm_forward)
     dense = jax.jit(_flax_lm_forward(model))
-    fns = {"sparse": lambda: sparse(exported.weights, tokens, None)[0],
+    weights = exported.weights_for(*tokens.shape)
+    fns = {"sparse": lambda: sparse(weights, tokens, None)[0],
            "dense": lambda: dense(dict(variables), tokens, None)[0]}
     return _rates(interleaved_medians(fns, repeats), tokens.size, "tokens_per_s")
 
@@ -131,7 +132,8 @@ def compare_transcription(
         return ctc.greedy_decode(*model.apply(variables, x, n))
 
     sparse, dense = jax.jit(sparse), jax.jit(dense)
-    fns = {"sparse": lambda: sparse(exported.weights, padded, lengths),
+    weights = exported.weights_for_frames(*padded.shape[:2])
+    fns = {"sparse": lambda: sparse(weights, padded, lengths),
            "dense": lambda: dense(dict(variables), padded, lengths)}
     seconds = interleaved_medians(fns, repeats)
     out = _rates(seconds, len(features), "utterances_per_s")

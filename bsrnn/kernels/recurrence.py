@@ -406,20 +406,40 @@ def _cell_update(weights: SparseWeights, xp_t: jax.Array, a: jax.Array, carry: A
     return cells.rnn_activation(weights.cell, xs[0] + hs[0]).astype(carry.dtype)
 
 
-def _scan(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, unroll: int) -> Any:
-    """The "dense" and "xla" paths: lax.scan over steps, one product h @ W_h per step."""
-    if impl == "dense":
-        w_dense = dense_kernel(weights.w_h).astype(xp.dtype)
+def _dense_recurrent(weights: SparseWeights) -> tuple[jax.Array, jax.Array]:
+    """The masked dense recurrent kernel (H, gates·H) and bias (gates·H,) in the layout of
+    `RecurrentLayer`'s step (gate padding dropped; the GRU's b_hn in its n slot, the other
+    recurrent biases already folded into the input projection's)."""
+    w = dense_kernel(weights.w_h)  # (H, gates·Hp)
+    gates, hidden = _n_gates(weights), weights.hidden
+    hp = w.shape[1] // gates
+    if hp != hidden:
+        w = jnp.concatenate([w[:, g * hp:g * hp + hidden] for g in range(gates)], axis=1)
+    b = jnp.zeros((gates * hidden,), w.dtype)
+    if weights.cell == "gru":
+        b = b.at[2 * hidden:].set(jnp.asarray(weights.b_hn).astype(w.dtype))
+    return w, b
 
-        def product(h):
-            return jnp.dot(h, w_dense)  # in the state dtype, as RecurrentLayer does
-    else:
-        def product(h):
-            return bsc_matmul_xla(h, weights.w_h)
+
+def _scan(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, unroll: int) -> Any:
+    """The "dense" and "xla" paths: lax.scan over steps, one product h @ W_h per step.
+
+    "dense" runs `bsrnn.cells.cell_step`, `RecurrentLayer`'s own step, on the masked dense
+    kernel (the same computation as the layer, so `auto`'s dense candidate is as fast as
+    the layer); "xla" runs the block-sparse product with the float32 gate math."""
+    if impl == "dense":
+        w_dense, b_dense = _dense_recurrent(weights)
+        w_dense, b_dense = w_dense.astype(xp.dtype), b_dense.astype(xp.dtype)
+
+        def dense_step(carry, xp_t):
+            carry, _ = cells.cell_step(weights.cell, carry, xp_t, w_dense, b_dense)
+            return carry, carry
+
+        return jax.lax.scan(dense_step, carry0, xp, unroll=unroll)[1]
 
     def step(carry, xp_t):
         h = carry[0] if weights.cell == "lstm" else carry
-        carry = _cell_update(weights, xp_t, product(h), carry)
+        carry = _cell_update(weights, xp_t, bsc_matmul_xla(h, weights.w_h), carry)
         return carry, carry
 
     return jax.lax.scan(step, carry0, xp, unroll=unroll)[1]
@@ -520,12 +540,16 @@ def _recurrence_dtype(weights: SparseWeights) -> Any:
     return jnp.result_type(weights.dtype, jnp.asarray(weights.w_i).dtype)
 
 
-def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any,
+def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any = None,
                  impl: str = "auto") -> str:
     """The implementation `impl="auto"` runs for these weights, batch, steps and dtype
-    (``impl`` itself when it is not "auto")."""
+    (default: the weights' computation dtype); ``impl`` itself when it is not "auto".
+
+    Call it with concrete weights, outside `jax.jit`, to have `auto` measure; then pass the
+    answer as ``impl=`` to the jitted call (as `bsrnn.inference` does)."""
     if impl != "auto":
         return impl
+    dtype = _recurrence_dtype(weights) if dtype is None else dtype
     candidates: dict[str, Callable[[], str | None]] = {"dense": lambda: None,
                                                        "xla": lambda: None}
     if weights.cell == "gru":

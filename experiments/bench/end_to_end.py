@@ -251,10 +251,11 @@ def main() -> None:
             prompt = jnp.asarray(ids, jnp.int32)[None]
             noise = jax.random.gumbel(jax.random.key(0), (args.length, 1, len(exported.vocab)))
             _with_cudnn(sampling, sample_c, lambda: exported.sampler(
-                exported.weights, prompt, None, noise, temperature=0.8), args.length,
+                exported.weights_for(1, 1), prompt, None, noise, temperature=0.8), args.length,
                 args.repeats, "tokens_per_s")
             forward = jax.jit(inference.lm_forward)
-            _with_cudnn(scoring, score_c, lambda: forward(exported.weights, tokens)[0],
+            weights = exported.weights_for(*tokens.shape)
+            _with_cudnn(scoring, score_c, lambda: forward(weights, tokens)[0],
                         tokens.size, args.repeats, "tokens_per_s")
         results["lm"].update(sampling_b1=sampling, sampling_b1_constants=baked,
                              scoring_b32_t100=scoring)
