@@ -29,6 +29,8 @@ step others 110 $SEQ --cases lstm:1500,gru:1760,rnn:1760 --blocks 16x16,4x4 \
 step e2e 90 python3 experiments/bench/end_to_end.py --repeats 5 --json=$R/e2e.json --markdown=$R/e2e.md
 step ds2step 110 python3 experiments/bench/masked_step.py --model ds2 --repeats 3 --json=$R/ds2step.json
 step bd 70 python3 experiments/bench/block_diagonal.py --unroll=8 --repeats 10 --json=$R/bd.json --markdown=$R/bd.md
+step bd 40 python3 experiments/bench/block_diagonal.py --cells gru --modules 1,8 --unroll=16 --repeats 10 \
+  --json=$R/bd_u16.json --markdown=$R/bd_u16.md
 step matmul 60 python3 experiments/bench/matmul.py --mode=gpu --budget_s 50 --commit "$C" \
   --json=$R/matmul.json --markdown=$R/matmul.md
 } 2>&1 | tee "$OUT/log"
