@@ -499,3 +499,17 @@ def test_auto_traced_weights_warn_and_fall_back():
         out, _ = jax.jit(lambda x, w: kernels.sparse_gru(x, w))(jnp.asarray(x), weights)
     ref, _ = _reference(params, masks, x, h0 * 0)
     assert _rel_err(out, ref) < 1e-5
+
+
+def test_persistent_kernel_runs_weights_built_without_the_ell_layout():
+    # Exported models are loaded without the "ell" arrays: the persistent kernel then walks
+    # the BSC panels instead of refusing (it used to raise, so `auto` skipped it on GPUs).
+    hidden, block_shape = 20, (8, 8)
+    params, masks, x, h0 = _layer_case(5, hidden, block_shape, batch=2, steps=4)
+    weights = kernels.sparse_gru_weights(params, masks, block_shape, ell=False)
+    assert weights.ell is None
+    with jax.default_matmul_precision("highest"):
+        out, last = kernels.sparse_gru(jnp.asarray(x), weights, jnp.asarray(h0),
+                                       impl="persistent_interpret", max_programs=1)
+    ref, ref_last = _cell_reference("gru", params, masks, x, h0)
+    assert _rel_err(out, ref) < 1e-5 and _rel_err(last, ref_last) < 1e-5

@@ -141,14 +141,16 @@ def recurrent(
     return outputs, last
 
 
-def measured(weights: Any, batch: int, steps: int) -> Any:
+def measured(weights: Any, batch: int, steps: int, rows: int | None = None) -> Any:
     """``weights`` with each "auto" layer's `impl` replaced by the kernels' measured choice
-    for inputs of ``batch`` rows and ``steps`` time steps (recurrent layers) or
-    ``batch * steps`` rows (linear layers).
+    for inputs of ``batch`` rows and ``steps`` time steps (recurrent layers) and ``rows``
+    rows (linear layers; default ``batch * steps``).
 
     Run it outside `jax.jit`, on concrete weights (an `LMWeights`, `DS2Weights`, or any tree
     of `Recurrent` / `Linear` layers); the choices are cached per shape by the kernels.
     """
+
+    rows = batch * steps if rows is None else rows
 
     def resolve(layer: Any) -> Any:
         if isinstance(layer, Recurrent) and layer.sparse is not None and layer.impl == "auto":
@@ -157,7 +159,7 @@ def measured(weights: Any, batch: int, steps: int) -> Any:
         if (isinstance(layer, Linear) and isinstance(layer.kernel, BlockSparseMatrix)
                 and layer.impl == "auto"):
             return dataclasses.replace(layer, impl=kernels.matmul_impl(
-                layer.kernel, batch * steps, layer.kernel.dtype))
+                layer.kernel, rows, layer.kernel.dtype))
         return layer
 
     return jax.tree_util.tree_map(resolve, weights,
@@ -320,13 +322,20 @@ class _Exported:
 
     weights: Any
 
-    def weights_for(self, batch: int, steps: int) -> Any:
+    def weights_for(self, batch: int, steps: int, rows: int | None = None) -> Any:
         """`weights` with every "auto" layer's choice measured for ``batch`` rows and
-        ``steps`` recurrent steps (`measured`), cached per shape."""
-        cache = self.__dict__.setdefault("_measured", {})
-        if (batch, steps) not in cache:
-            cache[(batch, steps)] = measured(self.weights, batch, steps)
-        return cache[(batch, steps)]
+        ``steps`` recurrent steps (`measured`; linear layers: ``rows``, default
+        ``batch * steps``), cached per shape."""
+        cache, key = self.__dict__.setdefault("_measured", {}), (batch, steps, rows)
+        if key not in cache:
+            cache[key] = measured(self.weights, batch, steps, rows)
+        return cache[key]
+
+    def sampling_weights(self, batch: int, length: int) -> Any:
+        """`weights_for` a sampling loop: one token of ``batch`` rows per call, ``length``
+        calls. The recurrent layers are measured on a sequence of up to 256 steps (a
+        one-step call measures launch overhead, not the step inside the loop)."""
+        return self.weights_for(batch, min(length, 256), rows=batch)
 
 
 class LanguageModel(_Exported):
@@ -401,7 +410,8 @@ class LanguageModel(_Exported):
             raise ValueError("the prompt encodes to no token; give at least one")
         prompt_ids = jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (batch_size, ids.size))
         noise = jax.random.gumbel(jax.random.key(seed), (length, batch_size, len(self.vocab)))
-        return np.asarray(self.sampler(self.weights_for(batch_size, 1), prompt_ids, None, noise,
+        weights = self.sampling_weights(batch_size, length)
+        return np.asarray(self.sampler(weights, prompt_ids, None, noise,
                                        temperature=float(temperature)))
 
     def sample(self, length: int, *, temperature: float = 1.0, prompt: str = "",

@@ -82,13 +82,14 @@ def compare_sampling(
         def baked(forward, weights):
             return jax.jit(lambda p, n: sample_tokens(forward, weights, p, None, n, temperature))
 
-        sparse_fn = baked(lm_forward, exported.weights_for(batch_size, 1))
+        sparse_fn = baked(lm_forward, exported.sampling_weights(batch_size, length))
         dense_fn = baked(_flax_lm_forward(model), dict(variables))
         fns = {"sparse": functools.partial(sparse_fn, prompt_ids, noise),
                "dense": functools.partial(dense_fn, prompt_ids, noise)}
     else:
-        fns = {"sparse": functools.partial(exported.sampler, exported.weights_for(batch_size, 1),
-                                           prompt_ids, None, noise, temperature=temperature),
+        weights = exported.sampling_weights(batch_size, length)
+        fns = {"sparse": functools.partial(exported.sampler, weights, prompt_ids, None, noise,
+                                           temperature=temperature),
                "dense": functools.partial(dense, dict(variables), prompt_ids, None, noise,
                                           temperature=temperature)}
     return _rates(interleaved_medians(fns, repeats), length * batch_size, "tokens_per_s")

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+T = TypeVar("T")
 
 
 @jax.tree_util.register_dataclass
@@ -188,27 +191,39 @@ def to_dense(m: BlockSparseMatrix) -> jax.Array:
     return blocks.transpose(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)[:n_in, :n_out]
 
 
-_DENSE_CACHE: dict[int, tuple[Any, jax.Array]] = {}
+_CONCRETE_CACHE: dict[tuple[int, Any], tuple[Any, Any]] = {}
+
+
+def cached_on(m: BlockSparseMatrix, tag: Any, build: Callable[[], T]) -> T:
+    """``build()``, computed once per concrete matrix ``m`` and ``tag`` and cached for as long
+    as ``m.values`` lives; computed in the graph (not cached) when ``m`` holds tracers.
+
+    For arrays derived from fixed weights (the dense kernel, re-laid-out panels), so a
+    jitted function that closes over the weights gets one constant instead of re-deriving
+    it in the graph, where XLA may sink the derivation into a loop body.
+    """
+    if any(isinstance(a, jax.core.Tracer) for a in (m.values, m.row_indices, m.col_ptr)):
+        return build()
+    key = (id(m.values), tag)
+    hit = _CONCRETE_CACHE.get(key)
+    if hit is not None and hit[0]() is m.values:
+        return hit[1]
+    with jax.ensure_compile_time_eval():
+        value = jax.block_until_ready(build())
+    try:
+        ref = weakref.ref(m.values)
+    except TypeError:  # not weak-referenceable: do not cache
+        return value
+    _CONCRETE_CACHE[key] = (ref, value)
+    weakref.finalize(m.values, _CONCRETE_CACHE.pop, key, None)
+    return value
 
 
 def dense_kernel(m: BlockSparseMatrix) -> jax.Array:
     """`to_dense(m)`, computed once per concrete matrix and cached (the "dense" candidate of
-    the kernels' dispatchers), or in the graph when `m` holds tracers.
+    the kernels' dispatchers), or in the graph when `m` holds tracers (`cached_on`).
 
     Returns:
       (in, out) dense kernel in the values' dtype, pruned entries zero.
     """
-    if any(isinstance(a, jax.core.Tracer) for a in (m.values, m.row_indices, m.col_ptr)):
-        return to_dense(m)
-    hit = _DENSE_CACHE.get(id(m.values))
-    if hit is not None and hit[0]() is m.values:
-        return hit[1]
-    with jax.ensure_compile_time_eval():
-        dense = jax.block_until_ready(to_dense(m))
-    try:
-        ref = weakref.ref(m.values)
-    except TypeError:  # not weak-referenceable: do not cache
-        return dense
-    _DENSE_CACHE[id(m.values)] = (ref, dense)
-    weakref.finalize(m.values, _DENSE_CACHE.pop, id(m.values), None)
-    return dense
+    return cached_on(m, "dense", lambda: to_dense(m))

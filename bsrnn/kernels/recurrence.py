@@ -53,7 +53,7 @@ import numpy as np
 
 from bsrnn import cells
 from bsrnn.kernels import autotune, pallas_gpu, recurrence_pallas
-from bsrnn.kernels.bsc import BlockSparseMatrix, dense_kernel, from_dense
+from bsrnn.kernels.bsc import BlockSparseMatrix, cached_on, from_dense, to_dense
 from bsrnn.kernels.xla import bsc_matmul_xla
 
 RecurrenceImpl = Literal["auto", "dense", "xla", "pallas", "pallas_interpret", "persistent",
@@ -410,11 +410,16 @@ def _dense_recurrent(weights: SparseWeights) -> tuple[jax.Array, jax.Array]:
     """The masked dense recurrent kernel (H, gates·H) and bias (gates·H,) in the layout of
     `RecurrentLayer`'s step (gate padding dropped; the GRU's b_hn in its n slot, the other
     recurrent biases already folded into the input projection's)."""
-    w = dense_kernel(weights.w_h)  # (H, gates·Hp)
     gates, hidden = _n_gates(weights), weights.hidden
-    hp = w.shape[1] // gates
-    if hp != hidden:
-        w = jnp.concatenate([w[:, g * hp:g * hp + hidden] for g in range(gates)], axis=1)
+
+    def unpadded() -> jax.Array:  # one constant for closed-over weights (`cached_on`)
+        w = to_dense(weights.w_h)  # (H, gates·Hp)
+        hp = w.shape[1] // gates
+        if hp == hidden:
+            return w
+        return jnp.concatenate([w[:, g * hp:g * hp + hidden] for g in range(gates)], axis=1)
+
+    w = cached_on(weights.w_h, ("recurrent", gates, hidden), unpadded)
     b = jnp.zeros((gates * hidden,), w.dtype)
     if weights.cell == "gru":
         b = b.at[2 * hidden:].set(jnp.asarray(weights.b_hn).astype(w.dtype))
@@ -443,6 +448,14 @@ def _scan(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, unroll:
         return carry, carry
 
     return jax.lax.scan(step, carry0, xp, unroll=unroll)[1]
+
+
+def _persistent_options(ell: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The persistent kernel's options: its default "ell" layout (weights held in
+    registers) needs weights built with ``ell=True``; without them, the "bsc" panels."""
+    if ell is None and "layout" not in options:
+        return {**options, "layout": "bsc", "hold": False}
+    return options
 
 
 @functools.cache
@@ -479,6 +492,7 @@ def _gru_kernel(xp: jax.Array, weights: SparseGRUWeights, h0: jax.Array, impl: s
     w_h, ell = weights.w_h, weights.ell
     b_hn = jnp.asarray(weights.b_hn).astype(dtype)
     if impl.startswith("persistent"):
+        options = _persistent_options(ell, options)
         reason = recurrence_pallas.persistent_unsupported(
             xp.shape, dtype, w_h, ell, **options, interpret=interpret)
         if reason:
@@ -560,7 +574,8 @@ def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any = No
             candidates["xla"] = lambda: "the step kernel replaces it on GPUs"
         candidates["pallas"] = gpu
         candidates["persistent"] = (lambda: recurrence_pallas.persistent_unsupported(
-            (steps, batch, 3 * weights.hidden), dtype, weights.w_h, weights.ell)) \
+            (steps, batch, 3 * weights.hidden), dtype, weights.w_h, weights.ell,
+            **_persistent_options(weights.ell, {}))) \
             if on_gpu else gpu
 
         def mosaic() -> str | None:

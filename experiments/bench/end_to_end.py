@@ -250,8 +250,9 @@ def main() -> None:
             ids = exported.encode(exported.default_prompt())
             prompt = jnp.asarray(ids, jnp.int32)[None]
             noise = jax.random.gumbel(jax.random.key(0), (args.length, 1, len(exported.vocab)))
+            weights = exported.sampling_weights(1, args.length)
             _with_cudnn(sampling, sample_c, lambda: exported.sampler(
-                exported.weights_for(1, 1), prompt, None, noise, temperature=0.8), args.length,
+                weights, prompt, None, noise, temperature=0.8), args.length,
                 args.repeats, "tokens_per_s")
             forward = jax.jit(inference.lm_forward)
             weights = exported.weights_for(*tokens.shape)

@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     exported = inference.load(args.model)
     model, variables = inference.masked_dense(args.model)
-    weights = exported.weights_for(1, 1)
+    weights = exported.sampling_weights(1, args.length)
     layer = weights.layers[0].sparse
     if len(weights.layers) != 1 or layer is None or exported.cell != "gru":
         raise SystemExit("--model must be a one-layer GRU LM stored block-sparse")
