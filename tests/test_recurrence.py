@@ -460,7 +460,7 @@ def test_step_kernel_every_cell_matches_recurrent_layer(cell, options, batch):
             return run(x, weights, carry0, lengths=lengths, reverse=reverse,
                        impl="pallas_interpret", unroll=2, **options)
 
-    for reverse in (False, True):
+    for reverse in (False, True) if not options else (True,):  # (variants: one direction)
         out, last = go(jnp.asarray(x), carry0, jnp.asarray(lengths, np.int32), reverse)
         ref, ref_last = _cell_reference(cell, params, masks, x, carry0, lengths, reverse)
         assert out.shape == (batch, steps, 22) and out.dtype == jnp.float32
