@@ -1,6 +1,8 @@
 """Sparse GRU sequence kernels (XLA path, Pallas kernels in interpret mode, GPU kernels where
 a GPU is present) against `bsrnn.cells.RecurrentLayer` with the same params and masks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,24 +181,37 @@ def test_persistent_kernel_interpret_single_program():
         assert _rel_err(out, ref) < 1e-5
 
 
-def test_step_kernel_writes_every_element():
-    # Poison every state row but h0 with NaN; after T steps no NaN may be left.
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_step_kernel_writes_every_element(cell):
+    # Poison every state row but the initial one with NaN (for the LSTM both the h and the
+    # c columns); after T steps no NaN may be left, and both parts match the layer.
     hidden, block_shape, batch, steps = 20, (8, 8), 3, 4
-    params, masks, x, h0 = _layer_case(5, hidden, block_shape, batch=batch, steps=steps)
-    weights = kernels.sparse_gru_weights(params, masks, block_shape)
-    xp = kernels.gru_input_projection(jnp.asarray(x), weights)
-    hbuf = jnp.full(((steps + 1) * batch, hidden), jnp.nan).at[:batch].set(h0)
-    cnt = jnp.zeros((1,), jnp.int32)
-    for layout in ("bsc",):
-        buf, c = hbuf, cnt
-        for _ in range(steps):
-            buf, c = recurrence_pallas.gru_step_pallas(
-                buf, c, xp, weights.w_h, jnp.asarray(weights.b_hn), hidden=hidden,
-                ell=weights.ell, layout=layout, interpret=True)
-        assert int(c[0]) == steps
-        ref, _ = _reference(params, masks, x, h0)
-        out = np.asarray(buf[batch:]).reshape(steps, batch, hidden).swapaxes(0, 1)
-        assert _rel_err(out, ref) < 1e-5
+    params, masks, x, h0 = _layer_case(5, hidden, block_shape, batch=batch, steps=steps,
+                                       cell=cell)
+    carry0 = _carry0(cell, h0, 5)
+    weights = SEQUENCE[cell][0](params, masks, block_shape)
+    xp = kernels.input_projection(jnp.asarray(x), weights)
+    start = np.concatenate(carry0, 1) if cell == "lstm" else h0
+    buf = jnp.full(((steps + 1) * batch, start.shape[1]), jnp.nan).at[:batch].set(start)
+    c = jnp.zeros((1,), jnp.int32)
+    b_hn = jnp.asarray(weights.b_hn) if cell == "gru" else None
+
+    @jax.jit
+    def run_steps(buf, c):  # the steps one after another, as separate launches
+        with jax.default_matmul_precision("highest"):
+            for _ in range(steps):
+                buf, c = recurrence_pallas.cell_step_pallas(
+                    buf, c, xp, weights.w_h, b_hn, cell=cell, hidden=hidden, interpret=True)
+        return buf, c
+
+    buf, c = run_steps(buf, c)
+    assert int(c[0]) == steps
+    states = np.asarray(buf[batch:]).reshape(steps, batch, -1)
+    assert np.isfinite(states).all()
+    ref, ref_last = _cell_reference(cell, params, masks, x, carry0)
+    assert _rel_err(states[..., :hidden].swapaxes(0, 1), ref) < 1e-5
+    if cell == "lstm":  # c_T in the second H columns of the last rows
+        assert _rel_err(states[-1, :, hidden:], ref_last[1]) < 1e-5
 
 
 def test_errors_are_clear():
@@ -232,7 +247,15 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="pair"):
         kernels.sparse_lstm(jnp.asarray(x), lstm, jnp.asarray(h0), impl="xla")
     with pytest.raises(ValueError, match="impl must be one of"):
-        kernels.sparse_lstm(jnp.asarray(x), lstm, impl="pallas")
+        kernels.sparse_lstm(jnp.asarray(x), lstm, impl="cuda")
+    for impl in ("persistent", "persistent_interpret", "mosaic"):  # GRU kernels only
+        with pytest.raises(ValueError, match=f"impl='{impl}' runs GRU layers only"):
+            kernels.sparse_lstm(jnp.asarray(x), lstm, impl=impl)
+    with pytest.raises(ValueError, match='LSTM and RNN weights have none: use layout="bsc"'):
+        kernels.sparse_lstm(jnp.asarray(x), lstm, impl="pallas_interpret", layout="ell")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="needs a GPU"):
+            kernels.sparse_lstm(jnp.asarray(x), lstm, impl="pallas")
 
 
 # On a GPU (the device machine): the compiled kernels against the same references.
@@ -263,6 +286,28 @@ def test_gpu_kernels(impl, options, batch, dtype_tol):
     ref, ref_last = _reference(params, masks, x, h0)
     assert out.dtype == dtype
     assert _rel_err(out, ref) < tol and _rel_err(last, ref_last) < tol
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "rnn_clipped_relu"])
+@pytest.mark.parametrize("batch, dtype_tol", [(1, F32), (20, F32), (1, F16), (20, F16)])
+def test_gpu_step_kernel_lstm_rnn(cell, batch, dtype_tol):
+    dtype, tol = dtype_tol
+    hidden, block_shape, steps = 72, (16, 16), 9  # partial edge blocks on both sides
+    params, masks, x, carry0 = _step_kernel_case(7, cell, batch, steps, hidden, block_shape)
+    build, run = SEQUENCE[cell]
+    weights = build(params, masks, block_shape, dtype=dtype)
+    lengths = jnp.asarray((steps - np.arange(batch)) % (steps + 1), jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        out, last = jax.jit(lambda x, c, n: run(x, weights, c, lengths=n, reverse=True,
+                                                impl="pallas", unroll=4))(
+            jnp.asarray(x), carry0, lengths)
+    ref, ref_last = _cell_reference(cell, params, masks, x, carry0, np.asarray(lengths), True)
+    assert out.dtype == dtype
+    assert _rel_err(out, ref) < tol
+    for g, w in zip(jax.tree_util.tree_leaves(last), jax.tree_util.tree_leaves(ref_last),
+                    strict=True):
+        assert _rel_err(g, w) < tol
 
 
 @pytest.mark.parametrize("cell", ["rnn", "rnn_clipped_relu"])
@@ -314,6 +359,7 @@ SEQUENCE = {"gru": (kernels.sparse_gru_weights, kernels.sparse_gru),
 LENGTH_IMPLS = [("gru", "xla"), ("gru", "dense"), ("gru", "pallas_interpret"),
                 ("gru", "persistent_interpret"), ("lstm", "xla"), ("lstm", "dense"),
                 ("rnn", "xla"), ("rnn_clipped_relu", "dense")]
+# (the step kernel's LSTM and RNN forms: test_step_kernel_every_cell_matches_recurrent_layer)
 
 
 def _cell_reference(cell, params, masks, x, carry0, lengths=None, reverse=False, dtype=None):
@@ -370,6 +416,59 @@ def test_lengths_and_reverse_match_recurrent_layer(cell, impl, reverse):
     assert _rel_err(out, ref) < 1e-5
     assert _rel_err(jax.tree_util.tree_leaves(last)[0], jax.tree_util.tree_leaves(ref_last)[0]
                     ) < 1e-5
+
+
+STEP_KERNEL_CASES = [  # cell, kernel options, batch: every cell on the one step kernel
+    ("gru", {}, 3),  # the GRU through the same code path, unchanged
+    ("lstm", {}, 3),
+    ("rnn", {}, 3),
+    ("rnn_clipped_relu", {}, 3),
+    ("lstm", dict(compute="dot", max_tm=16), 18),  # two batch tiles, the second partial
+    ("rnn", dict(compute="fma", rows_per_step=2), 3),  # 4-row blocks straddle loop steps
+]
+
+
+def _step_kernel_case(seed, cell, batch, steps, hidden=22, block_shape=(4, 8)):
+    """A layer case with random params whose pre-activations reach tanh's and the clipped
+    ReLU's saturated ranges (clip at 0 and 20 both exercised for rnn_clipped_relu)."""
+    params, masks, x, h0 = _layer_case(seed, hidden, block_shape, batch=batch, steps=steps,
+                                       cell=cell)
+    if cell == "rnn_clipped_relu":  # scale so that some units pass 20 and some stay < 0
+        params = jax.tree_util.tree_map(lambda a: 5.0 * a, params)
+    return params, masks, x, _carry0(cell, 4.0 * h0 if cell == "rnn_clipped_relu" else h0,
+                                     seed)
+
+
+@pytest.mark.parametrize("cell, options, batch", STEP_KERNEL_CASES)
+def test_step_kernel_every_cell_matches_recurrent_layer(cell, options, batch):
+    # H = 22 with 4x8 blocks: partial edge blocks both ways in every gate; random masks
+    # that zero whole blocks; lengths (one 0, one partial), both directions; outputs and
+    # every part of the final carry against RecurrentLayer.
+    steps = 5
+    params, masks, x, carry0 = _step_kernel_case(21, cell, batch, steps)
+    build, run = SEQUENCE[cell]
+    weights = build(params, masks, (4, 8))
+    lengths = np.resize([steps, 0, 2, 4], batch)  # all, none, partial
+    if cell == "rnn_clipped_relu":  # the case reaches both clips (else the test is weak)
+        ref, _ = _cell_reference(cell, params, masks, x, carry0)
+        ref = np.asarray(ref)
+        assert (ref == 0).any() and (ref == 20).any()
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def go(x, carry0, lengths, reverse):
+        with jax.default_matmul_precision("highest"):
+            return run(x, weights, carry0, lengths=lengths, reverse=reverse,
+                       impl="pallas_interpret", unroll=2, **options)
+
+    for reverse in (False, True) if not options else (True,):  # (variants: one direction)
+        out, last = go(jnp.asarray(x), carry0, jnp.asarray(lengths, np.int32), reverse)
+        ref, ref_last = _cell_reference(cell, params, masks, x, carry0, lengths, reverse)
+        assert out.shape == (batch, steps, 22) and out.dtype == jnp.float32
+        assert _rel_err(out, ref) < 1e-5
+        got, want = jax.tree_util.tree_leaves(last), jax.tree_util.tree_leaves(ref_last)
+        assert len(got) == (2 if cell == "lstm" else 1)
+        for g, w in zip(got, want, strict=True):
+            assert _rel_err(g, w) < 1e-5
 
 
 @pytest.mark.parametrize("hidden, block_shape", BLOCK_CASES)

@@ -23,15 +23,17 @@ Implementations (`impl=`):
 - "dense": `lax.scan` with the masked dense recurrent kernel (what `RecurrentLayer` runs).
 - "xla": `lax.scan` over steps; each step is `bsc_matmul_xla(h, W_h)` plus the gate math.
   Portable (CPU, GPU, TPU), jittable, differentiable by JAX.
-- "pallas" (GRU): each step is one Pallas/Triton kernel fusing the block-sparse product
-  with the gate math, launched inside `lax.scan(..., unroll=U)`. GPU only;
-  "pallas_interpret" runs the same kernel in the Pallas interpreter on any backend (tests).
-- "persistent" (GRU): one kernel for all steps, programs synchronised by a grid-wide
+- "pallas" (every cell): each step is one Pallas/Triton kernel fusing the block-sparse
+  product with the cell's gate math (`recurrence_pallas.cell_step_pallas`; the LSTM's c
+  rides in the same state buffer as h), launched inside `lax.scan(..., unroll=U)`. GPU
+  only; "pallas_interpret" runs the same kernel in the Pallas interpreter on any backend
+  (tests).
+- "persistent" (GRU only): one kernel for all steps, programs synchronised by a grid-wide
   barrier, weight panels held in registers where they fit. GPU only, and only where all
   its programs fit on the chip at once (checked before launch: `ResourceError` when
   forced, skipped by "auto"); a barrier that gave up raises. "persistent_interpret" runs
   it in the interpreter (tests).
-- "mosaic" (GRU): the Pallas Mosaic GPU kernel of `bsrnn.kernels.mosaic_gpu`, where that
+- "mosaic" (GRU only): the Pallas Mosaic GPU kernel of `bsrnn.kernels.mosaic_gpu`, where that
   module exists and says it can run.
 
 Each gate's kernel is tiled on its own: gate g occupies block columns g·ceil(H/bw) ..
@@ -62,7 +64,8 @@ GATES = cells.GATES["gru"]
 LSTM_GATES = cells.GATES["lstm"]
 RNN_CELLS = ("rnn", "rnn_clipped_relu")
 _SCAN_IMPLS = ("dense", "xla")
-_GRU_KERNELS = ("pallas", "pallas_interpret", "persistent", "persistent_interpret", "mosaic")
+_KERNELS = ("pallas", "pallas_interpret", "persistent", "persistent_interpret", "mosaic")
+_GRU_ONLY_KERNELS = ("persistent", "persistent_interpret", "mosaic")
 
 
 class ResourceError(ValueError):
@@ -473,9 +476,11 @@ def _gpu_only(impl: str) -> None:
                          f"'{impl.split('_')[0]}_interpret'")
 
 
-def _gru_kernel(xp: jax.Array, weights: SparseGRUWeights, h0: jax.Array, impl: str,
-                unroll: int, options: dict[str, Any]) -> jax.Array:
-    """The GRU kernels: (T, B, H) states from xp (T, B, 3·H)."""
+def _kernel_sequence(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str,
+                     unroll: int, options: dict[str, Any]) -> Any:
+    """The kernel paths: all steps' carries from xp (T, B, gates·H), each part (T, B, H).
+    The step kernel ("pallas") serves every cell; "persistent" and "mosaic" only the GRU
+    (`_recurrence` checks)."""
     steps, batch, _ = xp.shape
     hidden, dtype = weights.hidden, xp.dtype
     if impl == "mosaic":
@@ -484,13 +489,16 @@ def _gru_kernel(xp: jax.Array, weights: SparseGRUWeights, h0: jax.Array, impl: s
             else module.unsupported(weights, batch)
         if reason:
             raise ResourceError(f"impl='mosaic' cannot run here: {reason}")
-        return module.gru_recurrence_mosaic(xp, weights, h0, **options).astype(dtype)
+        return module.gru_recurrence_mosaic(xp, weights, carry0, **options).astype(dtype)
     interpret = impl.endswith("_interpret")
     if not interpret:
         _gpu_only(impl)
-    hbuf = jnp.zeros(((steps + 1) * batch, hidden), dtype).at[:batch].set(h0)
-    w_h, ell = weights.w_h, weights.ell
-    b_hn = jnp.asarray(weights.b_hn).astype(dtype)
+    parts = carry0 if weights.cell == "lstm" else (carry0,)  # state columns [h | c]
+    hbuf = jnp.zeros(((steps + 1) * batch, len(parts) * hidden), dtype).at[:batch].set(
+        jnp.concatenate(parts, axis=1))
+    w_h = weights.w_h
+    ell = weights.ell if weights.cell == "gru" else None
+    b_hn = jnp.asarray(weights.b_hn).astype(dtype) if weights.cell == "gru" else None
     if impl.startswith("persistent"):
         options = _persistent_options(ell, options)
         reason = recurrence_pallas.persistent_unsupported(
@@ -507,13 +515,16 @@ def _gru_kernel(xp: jax.Array, weights: SparseGRUWeights, h0: jax.Array, impl: s
     else:
         def step(carry, _):
             hbuf, cnt = carry
-            return recurrence_pallas.gru_step_pallas(
-                hbuf, cnt, xp, w_h, b_hn, hidden=hidden, ell=ell, interpret=interpret,
-                **options), None
+            return recurrence_pallas.cell_step_pallas(
+                hbuf, cnt, xp, w_h, b_hn, cell=weights.cell, hidden=hidden, ell=ell,
+                interpret=interpret, **options), None
 
         (hbuf, _), _ = jax.lax.scan(
             step, (hbuf, jnp.zeros((1,), jnp.int32)), None, length=steps, unroll=unroll)
-    return hbuf[batch:].reshape(steps, batch, hidden)
+    states = hbuf[batch:].reshape(steps, batch, len(parts) * hidden)
+    if weights.cell == "lstm":
+        return states[..., :hidden], states[..., hidden:]
+    return states
 
 
 def _recurrence(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, unroll: int,
@@ -523,10 +534,15 @@ def _recurrence(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, u
         if options:
             raise ValueError(f"impl={impl!r} takes no kernel options, got {sorted(options)}")
         return _scan(xp, weights, carry0, impl, unroll)
-    if impl in _GRU_KERNELS and weights.cell == "gru":
-        return _gru_kernel(xp, weights, carry0, impl, unroll, options)
-    valid = ("auto", *_SCAN_IMPLS) + (_GRU_KERNELS if weights.cell == "gru" else ())
-    raise ValueError(f"impl must be one of {valid} for a {weights.cell} layer, got {impl!r}")
+    if impl in _GRU_ONLY_KERNELS and weights.cell != "gru":
+        raise ValueError(f"impl={impl!r} runs GRU layers only (it has no {weights.cell} "
+                         f"form); for a {weights.cell} layer use 'auto', 'pallas' (GPU), "
+                         "'pallas_interpret', 'dense' or 'xla'")
+    if impl in _KERNELS:
+        return _kernel_sequence(xp, weights, carry0, impl, unroll, options)
+    kernels = tuple(k for k in _KERNELS if weights.cell == "gru" or k not in _GRU_ONLY_KERNELS)
+    raise ValueError(f"impl must be one of {('auto', *_SCAN_IMPLS, *kernels)} for a "
+                     f"{weights.cell} layer, got {impl!r}")
 
 
 def _initial_carry(carry0: Any, weights: SparseWeights, batch: int, dtype: Any) -> Any:
@@ -564,15 +580,17 @@ def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any = No
     if impl != "auto":
         return impl
     dtype = _recurrence_dtype(weights) if dtype is None else dtype
+    on_gpu = jax.default_backend() == "gpu"
+    gpu = (lambda: None) if on_gpu else (lambda: "needs a GPU")
     candidates: dict[str, Callable[[], str | None]] = {"dense": lambda: None,
-                                                       "xla": lambda: None}
-    if weights.cell == "gru":
-        on_gpu = jax.default_backend() == "gpu"
-        gpu = (lambda: None) if on_gpu else (lambda: "needs a GPU")
+                                                       "xla": lambda: None, "pallas": gpu}
+    if weights.cell != "gru":  # (xla stays a candidate: not yet measured against pallas)
+        for name in ("persistent", "mosaic"):
+            candidates[name] = lambda: "a GRU kernel only"
+    else:
         if on_gpu:  # the fused step kernel does xla's work in 1 launch per step, not 2-4,
             # and was faster in every measured GPU cell (WORKSPACE.md): not worth compiling
             candidates["xla"] = lambda: "the step kernel replaces it on GPUs"
-        candidates["pallas"] = gpu
         candidates["persistent"] = (lambda: recurrence_pallas.persistent_unsupported(
             (steps, batch, 3 * weights.hidden), dtype, weights.w_h, weights.ell,
             **_persistent_options(weights.ell, {}))) \
@@ -669,7 +687,7 @@ def gru_recurrence(
       h0: (B, H) initial state; zeros if None.
       impl: as in `sparse_gru` ("auto" picks for this batch and T).
       unroll: `lax.scan` unroll factor of the "dense", "xla" and "pallas" loops.
-      **kernel_options: passed to `recurrence_pallas.gru_step_pallas` ("pallas") or
+      **kernel_options: passed to `recurrence_pallas.cell_step_pallas` ("pallas") or
         `gru_persistent_pallas` ("persistent"): layout, compute, rows_per_step, ...
 
     Returns:
@@ -754,6 +772,8 @@ def sparse_rnn(
     return _sequence(x, weights, h0, lengths, reverse, impl, unroll, kernel_options)
 
 
+_STEP_KERNEL = (', "pallas" (the GPU step kernel; "pallas_interpret" runs it in the Pallas '
+                'interpreter; the persistent and Mosaic kernels are GRU only)')
 sparse_gru.__doc__ = "A whole GRU sequence forward, like `RecurrentLayer(\"gru\", H)`.\n" + \
     _SEQUENCE_ARGS.format(
         builder="sparse_gru_weights", carry="h0: (B, H) initial state; zeros if None.",
@@ -763,10 +783,10 @@ sparse_gru.__doc__ = "A whole GRU sequence forward, like `RecurrentLayer(\"gru\"
 sparse_lstm.__doc__ = "A whole LSTM sequence forward, like `RecurrentLayer(\"lstm\", H)`.\n" + \
     _SEQUENCE_ARGS.format(
         builder="sparse_lstm_weights",
-        carry="carry0: (h0, c0), each (B, H); zeros if None.", kernels="",
+        carry="carry0: (h0, c0), each (B, H); zeros if None.", kernels=_STEP_KERNEL,
         final="(h, c), each (B, H), after each row's last valid step")
 sparse_rnn.__doc__ = ("A whole vanilla-RNN sequence forward, like `RecurrentLayer(cell, H)` "
                       "with cell \"rnn\" or \"rnn_clipped_relu\":\nh_t = act(x_t W_i + "
                       "h_{t-1} W_h + b), W_h block-sparse.\n") + _SEQUENCE_ARGS.format(
     builder="sparse_rnn_weights", carry="h0: (B, H) initial state; zeros if None.",
-    kernels="", final="h (B, H), each row's state after its last valid step")
+    kernels=_STEP_KERNEL, final="h (B, H), each row's state after its last valid step")

@@ -1,40 +1,52 @@
-"""Pallas (Triton) kernels for a whole GRU sequence with block-sparse recurrent weights.
+"""Pallas (Triton) kernels for whole RNN, GRU and LSTM sequences with block-sparse
+recurrent weights.
 
-Both kernels compute, for t = 0..T-1 and the PyTorch/cuDNN GRU (gate order r, z, n),
+The step kernel serves every cell: with G gates (1 for the vanilla RNN, 3 for the GRU, 4 for
+the LSTM) it computes, for t = 0..T-1,
 
-    a = h_t @ W_h                                  (B, 3·Hp), W_h block-sparse
-    r = σ(xp_t[:, r] + a_r),  z = σ(xp_t[:, z] + a_z)
-    n = tanh(xp_t[:, n] + r ⊙ (a_n + b_hn)),       h_{t+1} = (1 − z) ⊙ n + z ⊙ h_t
+    a = h_t @ W_h                                  (B, G·Hp), W_h block-sparse
+    then the cell's update from xp_t and a (`bsrnn.cells`, traced on each tile):
+      rnn, rnn_clipped_relu: h_{t+1} = act(xp_t + a)                    (`rnn_activation`)
+      gru (r, z, n):  r = σ(xp_r + a_r), z = σ(xp_z + a_z),
+                      n = tanh(xp_n + r ⊙ (a_n + b_hn)), h_{t+1} = (1 − z) ⊙ n + z ⊙ h_t
+                                                                         (`gru_gates`)
+      lstm (i, f, g, o): c_{t+1} = σ(f) ⊙ c_t + σ(i) ⊙ tanh(g), h_{t+1} = σ(o) ⊙ tanh(c_{t+1})
+                         on the pre-activations xp_· + a_·                (`lstm_gates`)
 
-where xp = x @ W_i + b_i (+ b_hr, b_hz folded in) was computed for all steps beforehand.
-W_h holds the three gate kernels side by side, each padded to Hp = ceil(H / bw)·bw columns,
-so block column j of gate g is block column g·(Hp / bw) + j and no block straddles gates.
+where xp = x @ W_i + b (all biases but the GRU's b_hn folded in) was computed for all steps
+beforehand. W_h holds the G gate kernels side by side, each padded to Hp = ceil(H / bw)·bw
+columns, so block column j of gate g is block column g·(Hp / bw) + j and no block straddles
+gates.
 
-State lives in one buffer `hbuf` of shape ((T + 1)·B, H): rows t·B .. t·B + B − 1 hold h_t
-(h_0 first). A step reads rows of h_t and writes those of h_{t+1}, in place (the buffer is
-aliased from input to output), so a step is exactly one kernel launch: no slicing of xp,
-no stacking of outputs, no scalar arithmetic between launches.
+State lives in one buffer `hbuf` of shape ((T + 1)·B, S·H), S = 2 for the LSTM (columns
+[h | c]), else 1: rows t·B .. t·B + B − 1 hold step t's state (the initial one first). A
+step reads rows of step t and writes those of step t + 1, in place (the buffer is aliased
+from input to output), so a step is exactly one kernel launch: no slicing of xp, no
+stacking of outputs, no scalar arithmetic between launches. The LSTM's c rides in the same
+rows as its h, so every cell has the same kernel signature, grid and aliasing.
 
-- `step`: one launch per time step. Program (j, i) owns output columns j·bw .. j·bw + bw − 1
-  of batch tile i: it walks the three block columns of its tile (the r, z and n panels),
-  gathering the matching bh-wide slices of h_t, accumulates in float32, applies the gate
-  math and stores its (TM, bw) tile of h_{t+1}. The step index comes from a one-element
-  counter that each launch reads and passes on incremented (a fresh output), so the same
-  compiled kernel serves every step and the caller can run it inside `lax.scan(...,
-  unroll=U)`.
-- `persistent`: one launch for all T steps. Each program loops over the steps and meets the
-  others at a grid-wide barrier (an atomic counter in device memory) between steps. It
-  needs every program resident at once, so the grid is capped at `max_programs` (default:
-  the number of multiprocessors), each program taking several block columns if needed.
-  With `hold=True` a program loads its weight panels once, before the time loop, and keeps
-  them in registers across steps; otherwise it re-reads them every step (from L2, where
-  3.9 MB of a 90%-sparse GRU 2560 stays resident). A barrier that waits longer than
-  `spin_limit` polls gives up (counted in the returned sync word) rather than hang.
+- `step` (`cell_step_pallas`): one launch per time step. Program (j, i) owns output columns
+  j·bw .. j·bw + bw − 1 of batch tile i: it walks the G block columns of its tile (one
+  panel per gate), gathering the matching bh-wide slices of h_t, accumulates in float32,
+  applies the gate math and stores its (TM, bw) tile of h_{t+1} (and of c_{t+1}). The step
+  index comes from a one-element counter that each launch reads and passes on incremented
+  (a fresh output), so the same compiled kernel serves every step and the caller can run it
+  inside `lax.scan(..., unroll=U)`.
+- `persistent` (`gru_persistent_pallas`, GRU only): one launch for all T steps. Each
+  program loops over the steps and meets the others at a grid-wide barrier (an atomic
+  counter in device memory) between steps. It needs every program resident at once, so the
+  grid is capped at `max_programs` (default: the number of multiprocessors), each program
+  taking several block columns if needed. With `hold=True` a program loads its weight
+  panels once, before the time loop, and keeps them in registers across steps; otherwise
+  it re-reads them every step (from L2, where 3.9 MB of a 90%-sparse GRU 2560 stays
+  resident). A barrier that waits longer than `spin_limit` polls gives up (counted in the
+  returned sync word) rather than hang.
 
 Weights come in one of two layouts (see `bsrnn.kernels.recurrence.SparseGRUWeights`):
 "bsc" (the `BlockSparseMatrix` panels, walked with a data-dependent trip count) or "ell"
 (each block column padded to the same K panel rows, a power of two, with a feature index
 per panel row: fixed trip counts, which Triton pipelines, at the price of the padding).
+Only GRU weights carry the "ell" arrays today; LSTM and RNN layers run "bsc".
 """
 
 from __future__ import annotations
@@ -131,25 +143,39 @@ class _Tile:
                           mask=self.ok, other=0, volatile=volatile).astype(jnp.float32)
 
     def load_x(self, xp_ref, t, cfg):
-        """The (x_r, x_z, x_n) tiles of step t, float32."""
-        return tuple(self.load(xp_ref, t, cfg, g * cfg.hidden) for g in range(3))
+        """The G gates' input tiles of step t ((x_r, x_z, x_n) for the GRU), float32."""
+        return tuple(self.load(xp_ref, t, cfg, g * cfg.hidden) for g in range(cfg.gates))
 
     def accs(self, cfg, w_refs, hbuf_ref, t, holds=None):
         h_rows = t * cfg.batch + self.m
         return [_gate_acc(cfg, w_refs, hbuf_ref, h_rows, self.m_ok, self.c_ok,
                           g * cfg.nbc_g + self.q_col, None if holds is None else holds[g])
-                for g in range(3)]
+                for g in range(cfg.gates)]
 
-    def store(self, ref, t, cfg, h):
+    def store(self, ref, t, cfg, h, col_offset=0):
         rows = t * cfg.batch + self.m
-        plgpu.store(ref.at[rows[:, None], self.col[None, :]], h.astype(ref.dtype),
-                    mask=self.ok)
+        plgpu.store(ref.at[rows[:, None], (self.col + col_offset)[None, :]],
+                    h.astype(ref.dtype), mask=self.ok)
 
 
-def _gru_gates(x, accs, h_old, b_hn):
-    """h_{t+1} (float32) of a tile, from its input tiles x = (x_r, x_z, x_n), the three
-    recurrent accumulators, h_t and b_hn (bw_pad,): `bsrnn.cells.gru_gates` traced here."""
-    return cells.gru_gates(*x, accs[0], accs[1], accs[2] + b_hn[None, :], h_old)
+def _cell_gates(cell, x, accs, old, b_hn):
+    """A tile's new state parts, float32: (h_{t+1},), or (h_{t+1}, c_{t+1}) for the LSTM.
+
+    Args:
+      cell: the layer's cell (`bsrnn.cells.GATES`).
+      x: the gates' input tiles (`_Tile.load_x`); accs: their recurrent accumulators.
+      old: part -> that part of the tile's old state (0: h_t, 1: the LSTM's c_t), called
+        only for the parts the cell reads (the RNN reads none).
+      b_hn: (bw_pad,) the GRU's recurrent n-gate bias (None for the other cells).
+
+    `bsrnn.cells.gru_gates`, `lstm_gates` and `rnn_activation` are traced here.
+    """
+    if cell == "gru":
+        return (cells.gru_gates(*x, accs[0], accs[1], accs[2] + b_hn[None, :], old(0)),)
+    pre = [xg + a for xg, a in zip(x, accs, strict=True)]
+    if cell == "lstm":
+        return cells.lstm_gates(*pre, old(1))
+    return (cells.rnn_activation(cell, pre[0]),)
 
 
 def _load_holds(cfg, w_refs, q_col):
@@ -159,7 +185,7 @@ def _load_holds(cfg, w_refs, q_col):
     k = jnp.arange(cfg.rows_per_step, dtype=jnp.int32)
     c = jnp.arange(cfg.bw_pad, dtype=jnp.int32)
     holds = []
-    for g in range(3):
+    for g in range(cfg.gates):
         chunks = []
         for i in range(cfg.k_ell // cfg.rows_per_step):
             r = (g * cfg.nbc_g + q_col) * cfg.k_ell + i * cfg.rows_per_step + k
@@ -172,14 +198,19 @@ def _load_holds(cfg, w_refs, q_col):
 
 def _step_kernel(cnt_ref, *refs, cfg):
     n_w = 3 if cfg.layout == "bsc" else 2
-    w_refs, (xp_ref, bhn_ref, hbuf_ref, out_ref, cnt_out_ref) = refs[:n_w], refs[n_w:]
+    w_refs, (xp_ref, *bhn_ref, hbuf_ref, out_ref, cnt_out_ref) = refs[:n_w], refs[n_w:]
     t = cnt_ref[0]
     tile = _Tile(cfg, pl.program_id(0))
     holds = _load_holds(cfg, w_refs, tile.q_col) if cfg.hold else None
     accs = tile.accs(cfg, w_refs, hbuf_ref, t, holds)
-    b_hn = plgpu.load(bhn_ref.at[tile.col], mask=tile.col_ok, other=0).astype(jnp.float32)
-    h_new = _gru_gates(tile.load_x(xp_ref, t, cfg), accs, tile.load(hbuf_ref, t, cfg), b_hn)
-    tile.store(out_ref, t + 1, cfg, h_new)
+    b_hn = None
+    if bhn_ref:  # the GRU's b_hn (the other cells have every bias in xp)
+        b_hn = plgpu.load(bhn_ref[0].at[tile.col], mask=tile.col_ok,
+                          other=0).astype(jnp.float32)
+    new = _cell_gates(cfg.cell, tile.load_x(xp_ref, t, cfg), accs,
+                      lambda part: tile.load(hbuf_ref, t, cfg, part * cfg.hidden), b_hn)
+    for part, value in enumerate(new):  # h, then the LSTM's c in columns H..2H-1
+        tile.store(out_ref, t + 1, cfg, value, part * cfg.hidden)
     cnt_out_ref[0] = t + 1  # every program writes the same value
 
 
@@ -224,7 +255,8 @@ def _persistent_kernel(*refs, cfg):
     def step(t, carry):
         new_carry = []
         for tile, hold, b_hn, (x, h_old) in zip(tiles, holds, b_hns, carry, strict=True):
-            h_new = _gru_gates(x, tile.accs(cfg, w_refs, hbuf_ref, t, hold), h_old, b_hn)
+            (h_new,) = _cell_gates("gru", x, tile.accs(cfg, w_refs, hbuf_ref, t, hold),
+                                   lambda part, h=h_old: h, b_hn)
             tile.store(hbuf_ref, t + 1, cfg, h_new)
             new_carry.append((h_new.astype(cfg.dtype).astype(jnp.float32), tile))  # as stored
         # Next step's input tiles do not depend on h: their loads are issued before the
@@ -248,37 +280,46 @@ def _weights_args(layout, w_h, ell):
     return feat.reshape(-1), values.reshape(-1, values.shape[-1])
 
 
-def _common_cfg(xp, w_h, ell, hidden, layout, compute, rows_per_step, max_tm, hold):
-    steps, batch, three_h = xp.shape
-    if three_h != 3 * hidden:
-        raise ValueError(f"xp has {three_h} features, expected 3·H = {3 * hidden}")
+def _common_cfg(xp, w_h, ell, hidden, layout, compute, rows_per_step, max_tm, hold,
+                cell="gru"):
+    if cell not in cells.GATES:
+        raise ValueError(f"cell must be one of {tuple(cells.GATES)}, got {cell!r}")
+    gates = len(cells.GATES[cell])
+    steps, batch, features = xp.shape
+    if features != gates * hidden:
+        raise ValueError(f"xp has {features} features, expected {gates}·H = {gates * hidden} "
+                         f"for a {cell} layer")
     (bh, bw), (_, nbc) = w_h.block_shape, w_h.grid_shape
-    if nbc % 3:
-        raise ValueError(f"W_h has {nbc} block columns, not three gates' worth")
+    if nbc % gates:
+        raise ValueError(f"W_h has {nbc} block columns, not {gates} gates' worth ({cell})")
     dtype = jnp.result_type(xp.dtype, w_h.values.dtype)
     if layout not in ("bsc", "ell"):
         raise ValueError(f'layout must be "bsc" or "ell", got {layout!r}')
     if layout == "ell" and ell is None:
-        raise ValueError('layout="ell" needs weights built with ell=True')
+        raise ValueError('layout="ell" needs the fixed-width panels: GRU weights built with '
+                         'ell=True (LSTM and RNN weights have none: use layout="bsc")')
     k_ell = None if layout == "bsc" else ell[0].shape[-1]
     compute, tm, bw_pad, rows = _launch_config(batch, bw, dtype, compute, rows_per_step,
                                                max_tm, k_ell)
     if hold and layout != "ell":
         raise ValueError('hold=True needs layout="ell"')
     return dict(
-        steps=steps, batch=batch, hidden=hidden, bh=bh, bw=bw, bw_pad=bw_pad, nbc_g=nbc // 3,
+        cell=cell, gates=gates, parts=2 if cell == "lstm" else 1,
+        steps=steps, batch=batch, hidden=hidden, bh=bh, bw=bw, bw_pad=bw_pad,
+        nbc_g=nbc // gates,
         tm=tm, rows_per_step=rows, compute=compute, layout=layout, k_ell=k_ell, dtype=dtype,
         precision=jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None, hold=hold,
     )
 
 
-def gru_step_pallas(
+def cell_step_pallas(
     hbuf: jax.Array,
     cnt: jax.Array,
     xp: jax.Array,
     w_h,
-    b_hn: jax.Array,
+    b_hn: jax.Array | None = None,
     *,
+    cell: str = "gru",
     hidden: int,
     ell: tuple[jax.Array, jax.Array] | None = None,
     layout: Layout = "bsc",
@@ -290,16 +331,20 @@ def gru_step_pallas(
     num_stages: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """One fused GRU step: h_{t+1} rows of `hbuf` from its h_t rows, t = cnt[0].
+    """One fused step of a `cell` layer: the step-(t + 1) rows of `hbuf` from its step-t
+    rows, t = cnt[0].
 
     Args:
-      hbuf: ((T + 1)·B, H) state buffer (h_0 in rows 0..B-1), updated in place.
+      hbuf: ((T + 1)·B, S·H) state buffer, S = 2 for the LSTM (columns [h | c]), else 1;
+        the initial state in rows 0..B-1. Updated in place.
       cnt: (1,) int32 step index t.
-      xp: (T, B, 3·H) input projections (biases b_i, b_hr, b_hz included).
-      w_h: `BlockSparseMatrix` (H, 3·Hp), the gate-padded recurrent kernel.
-      b_hn: (H,) recurrent bias of the n gate.
+      xp: (T, B, G·H) input projections, G = the cell's gates (1, 3 or 4), with every bias
+        folded in but the GRU's b_hn.
+      w_h: `BlockSparseMatrix` (H, G·Hp), the gate-padded recurrent kernel.
+      b_hn: (H,) recurrent bias of the GRU's n gate; None for the other cells.
+      cell: "gru", "lstm", "rnn" or "rnn_clipped_relu" (`bsrnn.cells.GATES`).
       hidden: H.
-      ell: (feat (3·Hp/bw, K), values (3·Hp/bw, K, bw)) for layout="ell".
+      ell: (feat (G·Hp/bw, K), values (G·Hp/bw, K, bw)) for layout="ell".
       hold: (layout "ell") load each gate's whole K-row panel up front, in chunks of
         rows_per_step rows, with no loop (all loads in flight at once).
       layout, compute, rows_per_step, max_tm, num_warps, num_stages: launch choices (module
@@ -307,12 +352,21 @@ def gru_step_pallas(
       interpret: run in the Pallas interpreter (CPU tests).
 
     Returns:
-      (hbuf with h_{t+1} written, (1,) int32 t + 1).
+      (hbuf with step t + 1 written, (1,) int32 t + 1).
     """
     cfg = _Cfg(**_common_cfg(xp, w_h, ell, hidden, layout, compute, rows_per_step, max_tm,
-                             hold), h_volatile=False)
+                             hold, cell), h_volatile=False)
+    if hbuf.shape != ((cfg.steps + 1) * cfg.batch, cfg.parts * hidden):
+        raise ValueError(f"hbuf has shape {hbuf.shape}, expected ((T + 1)·B, "
+                         f"{'2·H' if cfg.parts == 2 else 'H'}) = "
+                         f"{((cfg.steps + 1) * cfg.batch, cfg.parts * hidden)} for a {cell} "
+                         f"layer of T={cfg.steps}, B={cfg.batch}, H={hidden}")
+    if (b_hn is None) != (cell != "gru"):
+        raise ValueError(f"b_hn is the GRU's n-gate bias: pass it for a GRU and only then "
+                         f"(cell {cell!r}, got {'None' if b_hn is None else 'an array'})")
     w_args = _weights_args(layout, w_h, ell)
-    n_in = 1 + len(w_args) + 2  # index of hbuf
+    biases = () if b_hn is None else (b_hn,)
+    n_in = 1 + len(w_args) + 1 + len(biases)  # index of hbuf
     return pl.pallas_call(
         functools.partial(_step_kernel, cfg=cfg),
         out_shape=(jax.ShapeDtypeStruct(hbuf.shape, hbuf.dtype),
@@ -323,8 +377,8 @@ def gru_step_pallas(
         compiler_params=plgpu.CompilerParams(
             num_warps=num_warps or 4,
             num_stages=num_stages or (3 if cfg.compute == "dot" else 1)),
-        name=f"gru_step_{cfg.bh}x{cfg.bw}",
-    )(cnt, *w_args, xp.reshape(-1, 3 * hidden), b_hn, hbuf)
+        name=f"{cell}_step_{cfg.bh}x{cfg.bw}",
+    )(cnt, *w_args, xp.reshape(-1, cfg.gates * hidden), *biases, hbuf)
 
 
 def _persistent_grid(common: dict, max_programs: int | None) -> tuple[int, int, int]:
@@ -461,7 +515,8 @@ def gru_persistent_pallas(
       hbuf: ((T + 1)·B, H) state buffer with h_0 in rows 0..B-1; rows of h_1..h_T are
         written.
       xp, w_h, b_hn, hidden, ell, layout, compute, rows_per_step, max_tm, num_warps,
-        num_stages: as in `gru_step_pallas`.
+        num_stages: as in `cell_step_pallas` (cell "gru": this kernel has no LSTM or RNN
+        form).
       hold: keep each program's weight panels in registers across steps (layout "ell";
         the whole padded panel is one tile, so K·bw must stay small).
       max_programs: most programs launched (all must be resident at once); default the

@@ -13,8 +13,8 @@ Methods, all on the same masked weights, in one process:
   kernels in `lax.scan` (cuBLAS per step).
 - ours (`bsrnn.kernels.sparse_gru` / `sparse_lstm` / `sparse_rnn`): `auto` (the default
   impl: measured choice among dense, xla and the kernels; the record says which it chose),
-  `xla` (lax.scan, bsc_matmul_xla per step); GRU only:
-  `pallas` (one fused Pallas step kernel per step in lax.scan(unroll=U), BSC panels),
+  `xla` (lax.scan, bsc_matmul_xla per step), `pallas` (one fused Pallas step kernel per
+  step in lax.scan(unroll=U), BSC panels; every cell); GRU only:
   `pallas_ell` / `pallas_hold` (the same with fixed-width panels / one-shot panel tiles),
   `persist` (one persistent kernel for all steps, weight panels held in registers),
   `persist_l2` (persistent, panels re-read from L2 every step).
@@ -69,7 +69,9 @@ METHODS = {  # label: (impl, kernel options, unroll)
 
 
 GATES = {"gru": "rzn", "lstm": "ifgo", "rnn": "h"}
-ANY_CELL = ("auto", "xla")  # the methods every cell has; the others are GRU kernels
+# The methods every cell has (the step kernel's "bsc" layout included); the others are GRU
+# kernels (persistent, mosaic) or need the "ell" panels that only GRU weights carry.
+ANY_CELL = ("auto", "xla", "pallas", "pallas_u64", "pallas_interp")
 
 
 def block_masks(rng, hidden, block_shape, sparsity, n_gates=3):
