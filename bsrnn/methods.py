@@ -126,7 +126,8 @@ def _gradual(config: ml_collections.ConfigDict, kind: str, q: Any, where: str
 
 
 def pruning_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Schedule]:
-    """One schedule per layer type in ``prune.layer_types`` (θ_b-scaled for blocks)."""
+    """One schedule per layer type in ``prune.layer_types`` (θ_b-scaled for blocks), from
+    ``prune.q`` (``prune.q_layers``' per-layer schedules are :func:`create_optimizer`'s)."""
     p, steps = config.prune, schedule_steps(config)
     if p.schedule not in SCHEDULES:
         raise ValueError(f"config.prune.schedule={p.schedule!r}; choose one of {SCHEDULES}.")
@@ -227,6 +228,10 @@ def mask_update_steps(config: ml_collections.ConfigDict) -> np.ndarray:
     steps = np.arange(config.num_steps)
     if config.method in ("dense", "structural"):
         return np.zeros(steps.shape, bool)
+    if layer_q(config):  # q per layer: a gradual schedule's update steps do not depend on q
+        return pruning.update_steps(
+            {kind: _gradual(config, kind, 1.0, "q_layers") for kind in config.prune.layer_types},
+            steps)
     return pruning.update_steps(_prune_schedules(config), steps)
 
 
@@ -311,8 +316,8 @@ def create_optimizer(
     if method in ("dense", "structural"):
         return optax.chain(optimizer, pruning.keep_masked()), lr
     strength = _by_type(gl.gl_strength if method == "gl" else gl.glp_strength)
-    schedule = _prune_schedules(config)
     q = layer_q(config)
+    schedule = None if q else _prune_schedules(config)
     if q:  # one threshold per layer (P2 sets q per layer type; claim (f) asks per layer)
         layer_type, schedule, by_layer = _by_layer(
             config, masks, layer_type, q,
