@@ -34,9 +34,29 @@ Studies (``python experiments/reproduce/grid.py list`` prints every run and its 
 * ``an4_oneshot``: P2's comparison, one-shot pruning to 90% at 40% of training (then
   training on) against ``an4_main``'s gradual BP and WP at the same final count.
 
-The last four studies use the GRU (``SIDE_MODEL``): they are read against its main-table
-rows, which were trained first, and its seeds agree far better than the clipped-ReLU
-RNN's on AN4 (CER half-ranges 0.3-1.5 points, GL 4.6, against up to 32).
+Second pass (issue 17):
+
+* ``an4_recipe``: candidate training recipes for the clipped-ReLU RNN (``RECIPES``: lower
+  learning rate with longer warm-up and clip 1; layer norm on the input projections;
+  both), dense RNN 512, three seeds; ``an4_rnn_recipe``: the RNN rows of the main table
+  under each (pick one with ``--match=_<recipe>_``).
+* ``an4_blocks_exp`` and ``an4_blocks_q``: claim (c)'s two fixes for θ_b = θ·N_b^(1/4):
+  a smaller exponent (1/8, ``prune.block_exponent``) with the first pass's q, and q
+  measured on each block size's scores (the 90th percentile of the dense model's max
+  block scores; exponent 0), GRU 512.
+* ``an4_layer_q``: claim (f), P2's threshold with one q per layer (``prune.q_layers``, the
+  90th percentile of that layer's block scores), GRU 512 at 1x1, 4x4 and 12x2.
+
+q per block size and per layer come from the weights of ``Q_REFERENCE`` (the GRU dense
+512, seed 2): ``collect`` reads each ``keep_scores`` run's newest checkpoint from the
+workdir and writes ``dense_scores.json`` (:func:`score_percentiles`) beside its report,
+so those runs must be trained and collected (same call, same ``--workdir``) before the
+studies that read it can run. The first pass kept no checkpoints. Every AN4 study of P1's
+tables and the reductions, and P3, now have seeds 0, 1 and 2.
+
+The last four studies of the first pass use the GRU (``SIDE_MODEL``): they are read
+against its main-table rows, which were trained first, and its seeds agree far better
+than the clipped-ReLU RNN's on AN4 (CER half-ranges 0.3-1.5 points, GL 4.6, against up to 32).
 
 Run studies (several processes share each GPU; a run whose ``report.json`` is already
 under ``--results`` is skipped; ``--deadline`` stops the rest and keeps what finished)::
@@ -310,7 +330,7 @@ def studies() -> dict[str, list[Run]]:
     # The candidate RNN recipes: the dense 512 first (which recipe trains it reliably),
     # then every RNN row of the main table under each (select one with --match=_<recipe>_).
     grid["an4_recipe"] = [
-        _an4("an4_recipe", "rnn", 512, "dense", seed, suffix=f"_{recipe}", keep_scores=True,
+        _an4("an4_recipe", "rnn", 512, "dense", seed, suffix=f"_{recipe}", keep_scores=seed == 0,
              **overrides)
         for recipe, overrides in RECIPES.items() for seed in THREE_SEEDS
     ]
