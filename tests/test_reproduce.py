@@ -50,9 +50,14 @@ def grid_config(run):
     spec = importlib.util.spec_from_file_location("config", REPO / file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # q of the gradual runs comes from dense runs that may not be in experiments/results yet.
-    overrides = {k: 0.1 if isinstance(v, float) and math.isnan(v) else v
-                 for k, v in run.overrides.items()}
+    # q of the gradual runs comes from dense runs that may not be in experiments/results yet
+    # (nan until then, also inside prune.q_layers' (layer, q) pairs).
+    def filled(v):
+        if isinstance(v, tuple):
+            return tuple(filled(x) for x in v)
+        return 0.1 if isinstance(v, float) and math.isnan(v) else v
+
+    overrides = {k: filled(v) for k, v in run.overrides.items()}
     return launcher.apply_overrides(module.get_config(arg), overrides)
 
 
