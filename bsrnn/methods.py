@@ -153,6 +153,12 @@ def layer_q(config: ml_collections.ConfigDict) -> dict[str, float]:
             f"config.prune.q_layers={pairs!r}: give (layer, q) pairs, e.g. "
             "(('rnn/layer_0/input', 0.05), ('output', 0.1))."
         ) from None
+    bad = {name: q for name, q in result.items() if not q > 0}  # nan too
+    if bad:
+        raise ValueError(
+            f"config.prune.q_layers: q must be > 0 (the 90th percentile of the layer's block "
+            f"scores in a trained dense model); got {bad}."
+        )
     if result and (config.prune.schedule != "gradual" or config.method not in (
             "wp", "bp", "glp")):
         raise ValueError(
@@ -175,13 +181,13 @@ def _by_layer(
     type.
     """
     keys = {}
-    for path, leaf in traverse_util.flatten_dict(masks).items():
+    for path, leaf in (traverse_util.flatten_dict(masks) if masks else {}).items():
         kind = layer_type(path, leaf)
         if kind is not None:
             keys[path] = f"{kind}@{report.layer_name(path)}"
     layers = {key.split("@", 1)[1] for key in keys.values()}
     missing, unknown = sorted(layers - set(q)), sorted(set(q) - layers)
-    if missing or unknown:
+    if masks is not None and (missing or unknown):  # None: checks of the values only
         raise ValueError(
             f"config.prune.q_layers: no q for the pruned layers {missing}"
             f"{f' and unknown layers {unknown}' if unknown else ''}; the model's pruned "

@@ -216,6 +216,10 @@ def test_q_per_layer_gives_each_layer_its_own_threshold():
     with pytest.raises(ValueError, match=r"no q for the pruned layers \['output'\].*unknown "
                                          r"layers \['layer_9/input'\]"):
         methods.create_optimizer(config, masks)
+    config.prune.q_layers = (("output", float("nan")),)
+    with pytest.raises(ValueError, match=r"q must be > 0.*'output': nan"):
+        methods.create_optimizer(config, masks)
+    config.prune.q_layers = tuple(q.items())
     config.prune.schedule = "cubic"
     with pytest.raises(ValueError, match="q_layers sets the gradual threshold per layer"):
         methods.create_optimizer(config, masks)
