@@ -249,6 +249,10 @@ class RecurrentLayer(nn.Module):
         once masks freeze; pruned entries then get a zero gradient, as with G > 1).
       unroll: ``lax.scan`` unroll factor (per-step loop overhead dominates on GPUs).
       dtype: computation dtype (``None``: float32 params' dtype).
+      input_norm: layer-normalise each gate's input projection x·W_i + b_i over its H
+        units, per frame, with a learned scale and shift (module ``projection_norm``,
+        never pruned), as DS2 batch-normalised the input projections (per frame, so
+        padding and batch composition change nothing). Off: the plain cell.
     """
 
     cell: str
@@ -260,6 +264,7 @@ class RecurrentLayer(nn.Module):
     frozen_recurrent: Mapping[str, Any] | None = None
     unroll: int = 1
     dtype: Any = None
+    input_norm: bool = False
 
     @nn.compact
     def __call__(
@@ -311,6 +316,10 @@ class RecurrentLayer(nn.Module):
         if self.reverse:
             x = jnp.flip(x, axis=1) if lengths is None else reverse_sequences(x, lengths)
         x_proj = jnp.dot(x.astype(w_i.dtype), w_i) + b_i  # (B, T, gates·H), one product
+        if self.input_norm:  # per gate: (B, T, gates, H), normalised over H
+            by_gate = x_proj.reshape(batch, steps, len(inputs), self.features)
+            x_proj = nn.LayerNorm(reduction_axes=-1, feature_axes=(-2, -1), dtype=self.dtype,
+                                  name="projection_norm")(by_gate).reshape(x_proj.shape)
         x_proj = jnp.swapaxes(x_proj, 0, 1)  # (T, B, gates·H)
 
         if initial_carry is None:
@@ -426,7 +435,8 @@ class RNN(nn.Module):
 
     Attributes:
       cell, features, recurrent_mask_init, input_mask_init, recurrent_modules,
-        frozen_recurrent, unroll, dtype: as in :class:`RecurrentLayer`, shared by every layer.
+        frozen_recurrent, unroll, dtype, input_norm: as in :class:`RecurrentLayer`, shared
+        by every layer.
       num_layers: depth.
       bidirectional: run a forward and a backward layer at each depth.
     """
@@ -441,6 +451,7 @@ class RNN(nn.Module):
     frozen_recurrent: Mapping[str, Any] | None = None
     unroll: int = 1
     dtype: Any = None
+    input_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
@@ -454,6 +465,7 @@ class RNN(nn.Module):
             frozen_recurrent=self.frozen_recurrent,
             unroll=self.unroll,
             dtype=self.dtype,
+            input_norm=self.input_norm,
         )
         for i in range(self.num_layers):
             if self.bidirectional:

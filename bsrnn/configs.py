@@ -117,7 +117,9 @@ def pruning(
     ``prune.schedule`` is ``"cubic"`` (a target ``sparsity`` per matrix, Zhu & Gupta) or
     ``"gradual"`` (P2's threshold, with start slope from Eq. 1 and P2's ``q``: the 90th
     percentile |w| of a trained dense model per layer type, which a dense run's
-    ``report.json`` lists under ``weight_percentile_90``). GL and GLP have their own λ_g
+    ``report.json`` lists under ``weight_percentile_90``), scaled for blocks by
+    N_b^``block_exponent`` (P1: 1/4; 0 for a q measured on block scores); ``q_layers``
+    gives a q per layer instead (:func:`bsrnn.methods.layer_q`). GL and GLP have their own λ_g
     (P1: GL needs a large one, GLP a small one). ``structure.num_modules`` is P3's G, used
     by the ``structural`` method only. ``prune.sparse_training`` runs the recurrences on their
     kept blocks once the schedule has ended (:mod:`bsrnn.train`; off until it pays).
@@ -127,6 +129,8 @@ def pruning(
         schedule=schedule,
         sparsity=per_type(sparsity),
         q=per_type(0.0),
+        q_layers=(),  # ((layer, q), ...): P2's threshold per layer instead of per type
+        block_exponent=0.25,  # θ_b = θ·N_b^block_exponent (P1: 1/4)
         ramp_ratio=1.5,
         begin_fraction=begin_fraction,
         ramp_fraction=ramp_fraction,

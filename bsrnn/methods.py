@@ -24,6 +24,9 @@ P1 does not say how its GL masks were cut). A fixed threshold on the block norm 
 do: under Adam the subgradient leaves unimportant blocks oscillating at the scale of the
 learning rate instead of at zero, so no threshold separates them reliably.
 
+The gradual threshold's q is per layer type (``prune.q``) or, with ``prune.q_layers``,
+per layer; θ_b = θ·N_b^e with e = ``prune.block_exponent`` (P1: 1/4).
+
 Which kernels are pruned: those that have a mask (see :mod:`bsrnn.models`) and whose
 layer type (:func:`bsrnn.pruning.default_layer_type`) is in ``prune.layer_types``.
 """
@@ -39,7 +42,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from bsrnn import pruning, schedules
+from bsrnn import pruning, report, schedules
 from bsrnn.configs import LAYER_TYPES
 
 METHODS = ("dense", "structural", "wp", "bp", "gl", "glp")
@@ -102,8 +105,29 @@ def schedule_steps(config: ml_collections.ConfigDict) -> dict[str, int]:
     return steps
 
 
+def _gradual(config: ml_collections.ConfigDict, kind: str, q: Any, where: str
+             ) -> schedules.GradualThreshold:
+    """P2's threshold for a ``kind`` kernel from its q (``where`` names q's config key in
+    errors): Eq. 1, then θ_b = θ·N_b^e with e = ``prune.block_exponent`` (P1: 1/4)."""
+    p, steps = config.prune, schedule_steps(config)
+    if not isinstance(q, jax.Array) and q <= 0:  # traced: see vmap_sweep
+        raise ValueError(
+            f"config.prune.{where}={q}: the gradual schedule needs P2's q, the 90th "
+            "percentile |w| of a trained dense model (a dense run's report.json lists it "
+            "under weight_percentile_90); or use config.prune.schedule='cubic'."
+        )
+    threshold = schedules.GradualThreshold.from_quantile(
+        q, steps["begin"], steps["ramp"], steps["end"], p.freq, p.ramp_ratio
+    )
+    block_shape = (1, 1) if config.method == "wp" else tuple(p.block_shape[kind])
+    # Reports written before block_exponent existed have P1's 1/4.
+    exponent = p.get("block_exponent", schedules.BLOCK_EXPONENT)
+    return threshold.scaled_for_block(block_shape, exponent)
+
+
 def pruning_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Schedule]:
-    """One schedule per layer type in ``prune.layer_types`` (θ_b-scaled for blocks)."""
+    """One schedule per layer type in ``prune.layer_types`` (θ_b-scaled for blocks), from
+    ``prune.q`` (``prune.q_layers``' per-layer schedules are :func:`create_optimizer`'s)."""
     p, steps = config.prune, schedule_steps(config)
     if p.schedule not in SCHEDULES:
         raise ValueError(f"config.prune.schedule={p.schedule!r}; choose one of {SCHEDULES}.")
@@ -113,19 +137,72 @@ def pruning_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.
             result[kind] = schedules.CubicSparsity(
                 p.sparsity[kind], steps["begin"], steps["end"], p.freq
             )
-            continue
-        if not isinstance(p.q[kind], jax.Array) and p.q[kind] <= 0:  # traced: see vmap_sweep
-            raise ValueError(
-                f"config.prune.q.{kind}={p.q[kind]}: the gradual schedule needs P2's q, the 90th "
-                "percentile |w| of a trained dense model (a dense run's report.json lists it "
-                "under weight_percentile_90); or use config.prune.schedule='cubic'."
-            )
-        threshold = schedules.GradualThreshold.from_quantile(
-            p.q[kind], steps["begin"], steps["ramp"], steps["end"], p.freq, p.ramp_ratio
-        )
-        block_shape = (1, 1) if config.method == "wp" else tuple(p.block_shape[kind])
-        result[kind] = threshold.scaled_for_block(block_shape)
+        else:
+            result[kind] = _gradual(config, kind, p.q[kind], f"q.{kind}")
     return result
+
+
+def layer_q(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """``prune.q_layers`` as ``{layer: q}`` (layer names as in ``report.json``'s
+    ``sparsity``, e.g. ``rnn/layer_0/input``); empty when q is per layer type."""
+    pairs = tuple(config.prune.get("q_layers", ()))
+    try:
+        result = {str(name): float(q) for name, q in pairs}
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"config.prune.q_layers={pairs!r}: give (layer, q) pairs, e.g. "
+            "(('rnn/layer_0/input', 0.05), ('output', 0.1))."
+        ) from None
+    bad = {name: q for name, q in result.items() if not q > 0}  # nan too
+    if bad:
+        raise ValueError(
+            f"config.prune.q_layers: q must be > 0 (the 90th percentile of the layer's block "
+            f"scores in a trained dense model); got {bad}."
+        )
+    if result and (config.prune.schedule != "gradual" or config.method not in (
+            "wp", "bp", "glp")):
+        raise ValueError(
+            "config.prune.q_layers sets the gradual threshold per layer: it needs "
+            "prune.schedule='gradual' and method wp, bp or glp; got schedule "
+            f"{config.prune.schedule!r}, method {config.method!r}. Clear q_layers (=()) else."
+        )
+    return result
+
+
+def _by_layer(
+    config: ml_collections.ConfigDict, masks: Any, layer_type: pruning.LayerTypeFn,
+    q: Mapping[str, float], per_kind: dict[str, Any],
+) -> tuple[pruning.LayerTypeFn, dict[str, Any], dict[str, dict[str, Any]]]:
+    """The pruning transformation's arguments with one schedule per layer (q from ``q``).
+
+    Layers are keyed ``"<type>@<layer>"``: the returned predicate gives each prunable
+    kernel its key, the schedules are keyed by it, and so are the per-type settings of
+    ``per_kind`` (``{"block_shape": {type: value}, ...}``), copied to every layer of the
+    type.
+    """
+    keys = {}
+    for path, leaf in (traverse_util.flatten_dict(masks) if masks else {}).items():
+        kind = layer_type(path, leaf)
+        if kind is not None:
+            keys[path] = f"{kind}@{report.layer_name(path)}"
+    layers = {key.split("@", 1)[1] for key in keys.values()}
+    missing, unknown = sorted(layers - set(q)), sorted(set(q) - layers)
+    if masks is not None and (missing or unknown):  # None: checks of the values only
+        raise ValueError(
+            f"config.prune.q_layers: no q for the pruned layers {missing}"
+            f"{f' and unknown layers {unknown}' if unknown else ''}; the model's pruned "
+            f"layers are {sorted(layers)} (measure each from a trained dense model)."
+        )
+    schedule = {key: _gradual(config, key.split("@")[0], q[key.split("@", 1)[1]],
+                              f"q_layers[{key.split('@', 1)[1]!r}]")
+                for key in set(keys.values())}
+    settings = {name: {key: values[key.split("@")[0]] for key in schedule}
+                for name, values in per_kind.items()}
+
+    def by_layer(path: tuple[str, ...], leaf: jax.Array) -> str | None:
+        return keys.get(tuple(path)) if layer_type(path, leaf) is not None else None
+
+    return by_layer, schedule, settings
 
 
 def _gl_cut(config: ml_collections.ConfigDict, kind: str) -> schedules.CubicSparsity:
@@ -157,6 +234,10 @@ def mask_update_steps(config: ml_collections.ConfigDict) -> np.ndarray:
     steps = np.arange(config.num_steps)
     if config.method in ("dense", "structural"):
         return np.zeros(steps.shape, bool)
+    if layer_q(config):  # q per layer: a gradual schedule's update steps do not depend on q
+        return pruning.update_steps(
+            {kind: _gradual(config, kind, 1.0, "q_layers") for kind in config.prune.layer_types},
+            steps)
     return pruning.update_steps(_prune_schedules(config), steps)
 
 
@@ -240,13 +321,19 @@ def create_optimizer(
 
     if method in ("dense", "structural"):
         return optax.chain(optimizer, pruning.keep_masked()), lr
+    strength = _by_type(gl.gl_strength if method == "gl" else gl.glp_strength)
+    q = layer_q(config)
+    schedule = None if q else _prune_schedules(config)
+    if q:  # one threshold per layer (P2 sets q per layer type; claim (f) asks per layer)
+        layer_type, schedule, by_layer = _by_layer(
+            config, masks, layer_type, q,
+            {"block_shape": block_shape, "reduction": reduction, "strength": strength})
+        block_shape, reduction, strength = (by_layer["block_shape"], by_layer["reduction"],
+                                            by_layer["strength"])
     if method == "wp":
         return optax.chain(
-            optimizer, pruning.weight_prune(_prune_schedules(config), mode=p.mode,
-                                            layer_type=layer_type)
+            optimizer, pruning.weight_prune(schedule, mode=p.mode, layer_type=layer_type)
         ), lr
-    strength = _by_type(gl.gl_strength if method == "gl" else gl.glp_strength)
-    schedule = _prune_schedules(config)
     prune = pruning.block_prune(schedule, block_shape, reduction, mode=p.mode,
                                 layer_type=layer_type)
     if method == "bp":

@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bsrnn import blocks
 from bsrnn.blocks import BlockShape
+
+BLOCK_EXPONENT = 0.25  # P1's θ_b = θ·N_b^(1/4)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -107,9 +110,14 @@ class GradualThreshold:
         theta = 2.0 * q * freq / denominator
         return cls(start_itr, ramp_itr, end_itr, theta, ramp_ratio * theta, freq)
 
-    def scaled_for_block(self, block_shape: BlockShape) -> GradualThreshold:
-        """P1's block scaling θ_b = θ·N_b^(1/4), N_b = bh·bw (φ scales with θ)."""
-        factor = float(block_shape[0] * block_shape[1]) ** 0.25
+    def scaled_for_block(
+        self, block_shape: BlockShape, exponent: float = BLOCK_EXPONENT
+    ) -> GradualThreshold:
+        """P1's block scaling θ_b = θ·N_b^e, N_b = bh·bw, e = ``exponent`` (P1: 1/4; φ
+        scales with θ). With a q measured on the block scores themselves
+        (:func:`percentile_block_scores`) the scaling is already in q: pass 0."""
+        _require(exponent >= 0, f"the block exponent must be >= 0, got {exponent}.")
+        factor = float(block_shape[0] * block_shape[1]) ** exponent
         return dataclasses.replace(
             self, start_slope=self.start_slope * factor, ramp_slope=self.ramp_slope * factor
         )
@@ -202,3 +210,33 @@ def percentile_abs(tree: Any, percentile: float = 90.0) -> float:
     leaves = [np.abs(np.asarray(x)).ravel() for x in jax.tree_util.tree_leaves(tree)]
     _require(bool(leaves), "percentile_abs got an empty tree; pass the kernels to measure.")
     return float(np.percentile(np.concatenate(leaves), percentile))
+
+
+def percentile_block_scores(
+    kernels: Any, block_shape: BlockShape, reduction: str = "max", percentile: float = 90.0
+) -> float:
+    """q measured per block size: the ``percentile``-th percentile of the block scores
+    (:func:`bsrnn.blocks.block_scores`) over every kernel of ``kernels``.
+
+    With ``block_shape`` (1, 1) this is :func:`percentile_abs`. Used as the gradual
+    schedule's q with a block exponent of 0, ε ends near this percentile of the scores
+    the threshold is compared with, whatever the block size (P1's N_b^(1/4) guesses how
+    the scores grow with the block instead).
+
+    Args:
+      kernels: a pytree of 2-D kernels (rows, cols) of a trained dense model, e.g. those of
+        one layer type or one layer; each is tiled on its own (edge blocks reduced over the
+        entries they hold).
+      block_shape: (bh, bw).
+      reduction: a :data:`bsrnn.blocks.REDUCTIONS` name (P1: ``max``).
+      percentile: in [0, 100].
+    """
+    leaves = jax.tree_util.tree_leaves(kernels)
+    _require(
+        bool(leaves), "percentile_block_scores got an empty tree; pass the kernels to measure."
+    )
+    scores = [
+        np.asarray(blocks.block_scores(jnp.asarray(k), tuple(block_shape), reduction)).ravel()
+        for k in leaves
+    ]
+    return float(np.percentile(np.concatenate(scores), percentile))

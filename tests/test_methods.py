@@ -170,3 +170,62 @@ def test_mask_update_steps_are_where_the_chain_changes_masks(method, expected):
             np.testing.assert_array_equal(a, b)
         new_masks = pruning.updated_masks(results[0][1], masks)
         assert np.all(new_masks["layer_0"]["recurrent_r"]["kernel"]) != bool(due[step]), step
+
+
+def test_block_exponent_replaces_p1s_quarter():
+    config = tiny_config("bp", schedule="gradual", block_exponent=0.125)
+    config.prune.q.recurrent = 0.3
+    config.prune.block_shape.recurrent = (8, 8)
+    config.prune.layer_types = ("recurrent",)
+    (schedule,) = methods.pruning_schedules(config).values()
+    theta = 2 * 0.3 * 100 / (2 * 150 + 3 * 250)  # P2 Eq. 1 at 100, 250, 500
+    assert schedule.start_slope == pytest.approx(theta * 64 ** 0.125)
+
+
+def test_q_per_layer_gives_each_layer_its_own_threshold():
+    # Weight pruning at the last update step (400) before the end (500): each layer keeps
+    # the weights with |w| >= ε(400) of its own q; the two input layers share a type.
+    config = tiny_config("wp", schedule="gradual")
+    q = {"layer_0/input": 0.5, "layer_1/input": 1.5, "layer_0/recurrent": 1.0, "output": 0.2}
+    config.prune.q_layers = tuple(q.items())
+    key = jax.random.split(jax.random.key(1), 4)
+    params = {"layer_0": {"input_r": {"kernel": jax.random.normal(key[0], (4, 8))},
+                          "recurrent_r": {"kernel": jax.random.normal(key[1], (8, 8))}},
+              "layer_1": {"input_r": {"kernel": 2 * jax.random.normal(key[2], (8, 8))}},
+              "output": {"kernel": jax.random.normal(key[3], (8, 4))}}
+    masks = jax.tree_util.tree_map(lambda w: jnp.ones(w.shape, bool), params)
+    tx, _ = methods.create_optimizer(config, masks)
+    state = jax.tree_util.tree_map(
+        lambda x: jnp.full_like(x, 400) if x.dtype == jnp.int32 else x, tx.init(params))
+    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    _, state = tx.update(grads, state, params, masks=masks)
+    got = pruning.updated_masks(state, masks)
+    for path, layer in ((("layer_0", "input_r"), "layer_0/input"),
+                        (("layer_1", "input_r"), "layer_1/input"),
+                        (("layer_0", "recurrent_r"), "layer_0/recurrent"), (("output",), "output")):
+        eps = schedules.GradualThreshold.from_quantile(q[layer], 100, 250, 500, 100).threshold(400)
+        w = params
+        m = got
+        for part in (*path, "kernel"):
+            w, m = w[part], m[part]
+        np.testing.assert_array_equal(m, np.abs(w) >= float(eps), err_msg=layer)
+        assert 0 < m.sum() < m.size, layer  # the threshold falls inside each layer's |w|
+    # Every pruned layer needs its q, and names must be the model's.
+    config.prune.q_layers = tuple((k, v) for k, v in q.items() if k != "output") + (
+        ("layer_9/input", 0.1),)
+    with pytest.raises(ValueError, match=r"no q for the pruned layers \['output'\].*unknown "
+                                         r"layers \['layer_9/input'\]"):
+        methods.create_optimizer(config, masks)
+    config.prune.q_layers = (("output", float("nan")),)
+    with pytest.raises(ValueError, match=r"q must be > 0.*'output': nan"):
+        methods.create_optimizer(config, masks)
+    config.prune.q_layers = tuple(q.items())
+    config.prune.schedule = "cubic"
+    with pytest.raises(ValueError, match="q_layers sets the gradual threshold per layer"):
+        methods.create_optimizer(config, masks)
+
+
+def test_q_per_layer_keeps_the_update_steps():
+    config = tiny_config("bp", schedule="gradual")
+    config.prune.q_layers = (("layer_0/input", 0.5),)
+    assert np.flatnonzero(methods.mask_update_steps(config)).tolist() == [200, 300, 400]

@@ -10,6 +10,7 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -49,9 +50,14 @@ def grid_config(run):
     spec = importlib.util.spec_from_file_location("config", REPO / file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # q of the gradual runs comes from dense runs that may not be in experiments/results yet.
-    overrides = {k: 0.1 if isinstance(v, float) and math.isnan(v) else v
-                 for k, v in run.overrides.items()}
+    # q of the gradual runs comes from dense runs that may not be in experiments/results yet
+    # (nan until then, also inside prune.q_layers' (layer, q) pairs).
+    def filled(v):
+        if isinstance(v, tuple):
+            return tuple(filled(x) for x in v)
+        return 0.1 if isinstance(v, float) and math.isnan(v) else v
+
+    overrides = {k: filled(v) for k, v in run.overrides.items()}
     return launcher.apply_overrides(module.get_config(arg), overrides)
 
 
@@ -141,3 +147,40 @@ def test_collect_files_only_grid_runs_made_with_todays_flags(tmp_path, monkeypat
     # The same stale folder stops `run` before anything starts, naming the folder.
     with pytest.raises(SystemExit, match=other.name):
         grid.run("an4_main", workdir, workers=1, deadline=0, match=other.name)
+
+
+def test_score_percentiles_per_block_size_type_and_layer():
+    # Two GRU-style layers of gate kernels and an output layer 2 wide; q at 2x2 and 4x4 blocks.
+    rng = np.random.default_rng(0)
+    w = {name: rng.standard_normal(shape) for name, shape in (
+        ("in0z", (4, 4)), ("in0r", (4, 4)), ("rec0z", (4, 4)), ("in1z", (4, 8)), ("out", (8, 2)))}
+    params = {"rnn": {"layer_0": {"input_z": {"kernel": w["in0z"]},
+                                  "input_r": {"kernel": w["in0r"]},
+                                  "recurrent_z": {"kernel": w["rec0z"]}},
+                      "layer_1": {"input_z": {"kernel": w["in1z"]}}},
+              "output": {"kernel": w["out"], "bias": np.ones(2)}}
+    masks = {"rnn": {layer: {gate: {"kernel": np.ones(k["kernel"].shape, bool)}
+                             for gate, k in gates.items()}
+                     for layer, gates in params["rnn"].items()},
+             "output": {"kernel": np.ones((8, 2), bool)}}
+
+    def maxima(a, bh, bw):  # block maxima of |a| by numpy
+        r, c = a.shape
+        return np.abs(a).reshape(r // bh, bh, c // bw, bw).max(axis=(1, 3)).ravel()
+
+    got = grid.score_percentiles(params, masks, ((2, 2), (4, 4)), percentile=75.0)
+    two = {k: maxima(a, 2, 2) for k, a in w.items()}
+    expected_layer = {"rnn/layer_0/input": np.concatenate([two["in0z"], two["in0r"]]),
+                      "rnn/layer_0/recurrent": two["rec0z"], "rnn/layer_1/input": two["in1z"],
+                      "output": two["out"]}
+    for layer, scores in expected_layer.items():
+        assert got["by_layer"]["2x2"][layer] == pytest.approx(np.percentile(scores, 75)), layer
+    inputs = np.concatenate([two["in0z"], two["in0r"], two["in1z"]])
+    assert got["by_type"]["2x2"] == pytest.approx({
+        "input": np.percentile(inputs, 75), "recurrent": np.percentile(two["rec0z"], 75),
+        "fc": np.percentile(two["out"], 75)})
+    # 4x4 blocks do not fit the 2-wide output layer: no fc entry, the rest measured.
+    assert set(got["by_type"]["4x4"]) == {"input", "recurrent"}
+    assert "output" not in got["by_layer"]["4x4"]
+    assert got["by_layer"]["4x4"]["rnn/layer_1/input"] == pytest.approx(
+        np.percentile(maxima(w["in1z"], 4, 4), 75))

@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsrnn.schedules import CubicSparsity, GradualThreshold, percentile_abs
+from bsrnn.schedules import (
+    CubicSparsity,
+    GradualThreshold,
+    percentile_abs,
+    percentile_block_scores,
+)
 
 
 def algorithm_1(start, ramp, end, theta, phi, freq, steps):
@@ -92,3 +97,35 @@ def test_percentile_abs():
 def test_bad_schedules(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_block_exponent_scales_theta_by_n_b_to_the_exponent():
+    s = GradualThreshold.from_quantile(q=0.3, start_itr=100, ramp_itr=400, end_itr=1000, freq=100)
+    for shape, exponent in (((8, 8), 0.125), ((12, 2), 0.2), ((4, 4), 0.0)):
+        b = s.scaled_for_block(shape, exponent)
+        factor = (shape[0] * shape[1]) ** exponent
+        assert b.start_slope == pytest.approx(s.start_slope * factor)
+        assert b.ramp_slope == pytest.approx(s.ramp_slope * factor)
+    assert s.scaled_for_block((8, 8), 0.125).start_slope == pytest.approx(
+        s.start_slope * 2**0.75)  # 64^(1/8) = 2^(6/8)
+    with pytest.raises(ValueError, match="block exponent must be >= 0"):
+        s.scaled_for_block((4, 4), -0.25)
+
+
+def test_percentile_of_block_scores_hand_made():
+    # A 4x4 kernel of -1..-16 (|w|: signs must not matter) and a 2x6 kernel whose three
+    # 2x2 blocks have maxima 1, 2, 3.
+    a = -np.arange(1.0, 17.0).reshape(4, 4)
+    b = np.array([[1.0, 0.5, 2.0, 0.1, 3.0, 0.0], [0.2, 0.3, 1.0, 1.5, 1.2, 2.5]])
+    # a's blocks: rows 0-1 cols 0-1 -> max |w| 6, 0-1/2-3 -> 8, 2-3/0-1 -> 14, 2-3/2-3 -> 16.
+    scores = [6, 8, 14, 16, 1, 2, 3]  # b's: 1, 2, 3
+    tree = {"a": a, "b": b}
+    for p in (50, 90):
+        assert percentile_block_scores(tree, (2, 2), "max", p) == pytest.approx(
+            np.percentile(scores, p))
+    # mean reduction of a's first block: (1 + 2 + 5 + 6) / 4.
+    assert percentile_block_scores({"a": a}, (2, 2), "mean", 0) == pytest.approx(3.5)
+    # 1x1 blocks are single weights: percentile_abs.
+    assert percentile_block_scores(tree, (1, 1)) == pytest.approx(percentile_abs(tree))
+    with pytest.raises(ValueError, match="empty tree"):
+        percentile_block_scores({}, (2, 2))

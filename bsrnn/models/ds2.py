@@ -94,6 +94,8 @@ class Model(nn.Module):
         (:func:`bsrnn.kernels.sparse_training.freeze`; ``bsrnn.train`` sets it once masks
         freeze with ``config.prune.sparse_training``).
       unroll: ``lax.scan`` unroll factor.
+      input_norm: layer norm on each recurrent layer's input projections
+        (:class:`bsrnn.cells.RecurrentLayer`; DS2 batch-normalised them).
     """
 
     num_classes: int
@@ -111,6 +113,7 @@ class Model(nn.Module):
     recurrent_modules: int = 1
     frozen_recurrent: Any = None
     unroll: int = 1
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         models.check_sizes(
@@ -164,7 +167,7 @@ class Model(nn.Module):
         x = cells.RNN(
             self.cell, self.features, self.num_layers, self.bidirectional,
             recurrent_modules=self.recurrent_modules, frozen_recurrent=self.frozen_recurrent,
-            unroll=self.unroll, name="rnn",
+            unroll=self.unroll, input_norm=self.input_norm, name="rnn",
         )(x, lengths)
         if self.row_conv_context > 0:
             x = _zero_padding(RowConv(self.row_conv_context, name="row_conv")(x), lengths)

@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mask_fc=True,
         mask_output=True,
         unroll=4,
+        input_norm=False,  # layer norm on the recurrent layers' input projections
     ))
     config.batch_size = 16
     config.eval_batch_size = 32

@@ -32,7 +32,15 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
-from grid import REDUCTIONS, SIDE_MODEL  # noqa: E402
+from grid import (  # noqa: E402
+    BLOCK_SHAPES,
+    Q_REFERENCE,
+    RECIPES,
+    REDUCTIONS,
+    SIDE_MODEL,
+    SMALL_EXPONENT,
+    block_shape_name,
+)
 
 from bsrnn import methods, report  # noqa: E402
 
@@ -125,11 +133,21 @@ def sparsity(run: dict[str, Any]) -> str:
     return f"{100 * run['sparsity']['total']['sparsity']:.1f}%"
 
 
-def result_cells(run: dict[str, Any] | None, dense: float | None) -> list[str]:
-    """A one-seed run's sparsity, metric and relative cells ("not run yet" without it)."""
-    if run is None:
+def result_cells(runs: Sequence[dict[str, Any]], dense: float | None) -> list[str]:
+    """The sparsity, metric and relative cells of one row's seeds ("not run yet" without
+    any): sparsity and metric as mean ± half-range over the seeds."""
+    if not runs:
         return ["not run yet", "", ""]
-    return [sparsity(run), f"{metric(run):.2f}", relative(metric(run), dense)]
+    values = [metric(r) for r in runs]
+    return [sparsity_summary(runs), summary(values), relative(float(np.mean(values)), dense)]
+
+
+def sparsity_summary(runs: Sequence[dict[str, Any]], layer: str = "total") -> str:
+    """The final sparsity of ``layer`` in %, mean ± half-range over ``runs`` when they
+    differ (P2's threshold reaches a different sparsity on every seed)."""
+    values = [100 * r["sparsity"][layer]["sparsity"] for r in runs]
+    spread = (max(values) - min(values)) / 2
+    return f"{np.mean(values):.1f}%" + (f" ± {spread:.1f}" if spread >= 0.05 else "")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -196,29 +214,27 @@ def blocks_table() -> list[str]:
     main = load("an4_main")
     order = ["1x1", "4x4", "12x2", "8x8", "16x16", "32x32"]
     rows = []
-    for run in sorted(runs, key=lambda r: (r["model"], order.index(r["variant"]))):
-        dense = dense_baseline(main, run["model"])
-        rows.append([run["model"].upper(), run["variant"], *result_cells(run, dense),
-                     P1_BLOCKS.get((run["model"], run["variant"]), "")])
+    for (model, variant), group in sorted(grouped(runs, "model", "variant").items(),
+                                          key=lambda item: (item[0][0],
+                                                            order.index(item[0][1]))):
+        rows.append([model.upper(), variant,
+                     *result_cells(group, dense_baseline(main, model)),
+                     P1_BLOCKS.get((model, variant), "")])
     return table(["model", "block", "sparsity", "test CER %", "relative", "paper (P1)"], rows)
 
 
 def blocks_cubic_table(model: str) -> list[str]:
-    """Block sizes at one sparsity (cubic schedule to 90%, seed 0): 1x1 and 4x4 from
-    ``an4_main``'s WP and BP rows, 16x16 from ``an4_reductions``' max, the rest from
-    ``an4_blocks_cubic``."""
-    runs = {r["variant"]: r for r in load("an4_blocks_cubic")}
+    """Block sizes at one sparsity (cubic schedule to 90%): 1x1 and 4x4 from ``an4_main``'s
+    WP and BP rows, 16x16 from ``an4_reductions``' max, the rest from ``an4_blocks_cubic``."""
+    runs = grouped(load("an4_blocks_cubic"), "variant")
     if not runs:
         return ["*an4_blocks_cubic: not run yet.*", ""]
-    borrowed = {"16x16": [r for r in load("an4_reductions") if r["variant"] == "16x16max"],
-                "1x1": _main_rows(model, 512, "wp", seed=0),
-                "4x4": _main_rows(model, 512, "bp", seed=0)}
-    runs.update({block: found[0] for block, found in borrowed.items() if found})
+    runs.update({
+        ("16x16",): [r for r in load("an4_reductions") if r["variant"] == "16x16max"],
+        ("1x1",): _main_rows(model, 512, "wp"), ("4x4",): _main_rows(model, 512, "bp")})
     dense = dense_baseline(load("an4_main"), model)
-    rows = []
-    for block in ("1x1", "4x4", "12x2", "8x8", "16x16", "32x32"):
-        run = runs.get(block)
-        rows.append([block, *result_cells(run, dense)])
+    rows = [[block, *result_cells(runs.get((block,), []), dense)]
+            for block in ("1x1", "4x4", "12x2", "8x8", "16x16", "32x32")]
     return table(["block", "sparsity", "test CER %", "relative"], rows)
 
 
@@ -232,18 +248,18 @@ def _main_rows(model: str, features: int, method: str, seed: int | None = None
 
 def reductions_table(model: str) -> list[str]:
     """Block reductions (P1's future work) from ``an4_reductions``; max at 4x4 is
-    ``an4_main``'s BP row, seed 0 like the others."""
+    ``an4_main``'s BP row."""
     runs = load("an4_reductions")
     if not runs:
         return ["*an4_reductions: not run yet.*", ""]
-    runs += [{**r, "variant": "4x4max"} for r in _main_rows(model, 512, "bp", seed=0)]
+    runs += [{**r, "variant": "4x4max"} for r in _main_rows(model, 512, "bp")]
     dense = dense_baseline(load("an4_main"), model)
-    by_variant = {r["variant"]: r for r in runs}
+    by_variant = grouped(runs, "variant")
     rows = []
     for block in ("4x4", "16x16"):
         for reduction in REDUCTIONS:
             rows.append([block, reduction,
-                         *result_cells(by_variant.get(f"{block}{reduction}"), dense)])
+                         *result_cells(by_variant.get((f"{block}{reduction}",), []), dense)])
     return table(["block", "reduction", "sparsity", "test CER %", "relative"], rows)
 
 
@@ -297,11 +313,140 @@ def p3_table(study: str, dense_study: str) -> list[str]:
                     if r["features"] == 512 and r["method"] == "dense"]
     rows = [[1, 512, f"{512 ** 2:,} per gate (dense)",
              summary(dense_values) if dense_values else f"not run yet ({dense_study})", ""]]
-    for run in sorted(runs, key=lambda r: (int(r["variant"].removeprefix("G")), r["features"])):
-        g = int(run["variant"].removeprefix("G"))
-        rows.append([g, run["features"], f"{run['features'] ** 2 // g:,} per gate",
-                     f"{metric(run):.2f}", relative(metric(run), dense)])
+    for (variant, features), group in sorted(
+            grouped(runs, "variant", "features").items(),
+            key=lambda item: (int(item[0][0].removeprefix("G")), item[0][1])):
+        g = int(variant.removeprefix("G"))
+        values = [metric(r) for r in group]
+        rows.append([g, features, f"{features ** 2 // g:,} per gate", summary(values),
+                     relative(float(np.mean(values)), dense)])
     return table(["G", "hidden", "recurrent weights", "test perplexity", "relative"], rows)
+
+
+def train_losses(run: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The logged training steps and losses of a run (``metrics.jsonl``)."""
+    records = [json.loads(line) for line in (run["dir"] / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["split"] == "train"]
+    return np.array([r["step"] for r in records]), np.array([r["loss"] for r in records])
+
+
+def worst_rise(run: dict[str, Any], until: float = 0.4) -> float:
+    """The largest training-loss rise in the first ``until`` of training: max over logged
+    steps of loss / (lowest loss logged before it); 1.0 when the loss never rises. The
+    first pass's failed RNN seeds rose 1.4-1.5x at step 150."""
+    steps, losses = train_losses(run)
+    keep = steps <= until * run["config"]["num_steps"]
+    losses = losses[keep]
+    if len(losses) < 2:
+        return 1.0
+    lowest = np.minimum.accumulate(losses)[:-1]
+    return float(max(1.0, np.max(losses[1:] / lowest)))
+
+
+def _recipe_label(variant: str) -> str:
+    """A recipe's settings in words (``""``: the first pass's)."""
+    if not variant:
+        return "first pass: Adam 1e-3, warm-up 200, clip 5"
+    words = {"optimizer.learning_rate": "lr {}", "optimizer.warmup_steps": "warm-up {}",
+             "optimizer.grad_clip": "clip {}", "model.input_norm": "layer norm"}
+    settings = RECIPES[variant.removeprefix("_")]
+    return ", ".join(words[k].format(v) for k, v in settings.items() if v is not False)
+
+
+def recipe_table() -> list[str]:
+    """The RNN recipe candidates (``an4_recipe``) against the first pass's dense RNN 512
+    (``an4_main``): test CER by seed, its mean and spread, and the worst loss rise."""
+    runs = load("an4_recipe")
+    if not runs:
+        return ["*an4_recipe: not run yet.*", ""]
+    groups = {"": _main_rows("rnn", 512, "dense"), **{
+        variant: group for (variant,), group in grouped(runs, "variant").items()}}
+    rows = []
+    for variant, group in sorted(groups.items(), key=lambda item: (item[0] != "", item[0])):
+        group = sorted(group, key=lambda r: r["seed"])
+        rows.append([variant.removeprefix("_") or "base", _recipe_label(variant),
+                     " / ".join(f"{metric(r):.1f}" for r in group),
+                     summary([metric(r) for r in group]),
+                     f"{max(worst_rise(r) for r in group):.2f}x",
+                     f"{np.mean([r['metrics']['train']['loss'] for r in group]):.3f}"])
+    return table(["recipe", "settings", "test CER % by seed", "test CER %",
+                  "worst loss rise (first 40%)", "final train loss"], rows)
+
+
+def recipe_main_table() -> list[str]:
+    """P1's main table for the RNN under each candidate recipe (``an4_rnn_recipe``, dense
+    512 from ``an4_recipe``)."""
+    runs = load("an4_rnn_recipe")
+    if not runs:
+        return ["*an4_rnn_recipe: not run yet.*", ""]
+    dense = grouped(load("an4_recipe"), "variant")
+    rows = []
+    for (variant,), group in sorted(grouped(runs + load("an4_recipe"), "variant").items()):
+        baseline = [metric(r) for r in dense.get((variant,), [])]
+        for (features, method), row in sorted(grouped(group, "features", "method").items(),
+                                              key=lambda item: _row_order(*item[0])):
+            values = [metric(r) for r in row]
+            rows.append([variant.removeprefix("_"), f"RNN {features}",
+                         method.upper() if method != "dense" else "dense", sparsity(row[0]),
+                         summary(values), relative(float(np.mean(values)),
+                                                   float(np.mean(baseline)) if baseline
+                                                   else None),
+                         P1_MAIN.get(("rnn", features, method), "")])
+    return table(["recipe", "model", "algorithm", "sparsity", "test CER %", "relative",
+                  "paper (P1)"], rows)
+
+
+def claim_c_table(model: str) -> list[str]:
+    """Claim (c): P2's threshold at every block size, three ways of setting θ_b: P1's
+    θ·N_b^(1/4) with q of the weights (``an4_blocks``), θ·N_b^(1/8) with the same q
+    (``an4_blocks_exp``), and q measured on each size's block scores (``an4_blocks_q``).
+    Each cell: sparsity reached, test CER."""
+    variants = [("an4_blocks", "N_b^(1/4), q of |w| (P1)"),
+                ("an4_blocks_exp", f"N_b^({SMALL_EXPONENT:g}), q of |w|"),
+                ("an4_blocks_q", "q of the block scores")]
+    runs = {study: grouped([r for r in load(study) if r["model"] == model], "variant")
+            for study, _ in variants}
+    if not runs["an4_blocks_exp"] and not runs["an4_blocks_q"]:
+        return ["*an4_blocks_exp, an4_blocks_q: not run yet.*", ""]
+    # N_b^(1/8) at 1x1 is N_b^(1/4) at 1x1 (N_b = 1): the same run.
+    runs["an4_blocks_exp"].setdefault(("1x1",), runs["an4_blocks"].get(("1x1",), []))
+    rows = []
+    for shape in BLOCK_SHAPES:
+        block = block_shape_name(shape)
+        cells = []
+        for study, _ in variants:
+            group = runs[study].get((block,), [])
+            cells += ([sparsity_summary(group), summary([metric(r) for r in group])]
+                      if group else ["not run yet", ""])
+        rows.append([block, *cells, P1_BLOCKS.get((model, block), "")])
+    header = ["block"]
+    for _, label in variants:
+        header += [f"{label}: sparsity", "test CER %"]
+    return table([*header, "paper (P1): sparsity, relative"], rows)
+
+
+def claim_f_layers(model: str) -> dict[str, list[dict[str, Any]]]:
+    """The gradual runs of claim (f), ``{label: runs}``: P2's q per layer type
+    (``an4_blocks``) and q per layer (``an4_layer_q``), at 1x1, 4x4 and 12x2."""
+    result = {}
+    for study, label in (("an4_blocks", "q per type"), ("an4_layer_q", "q per layer")):
+        groups = grouped([r for r in load(study) if r["model"] == model], "variant")
+        for block in ("1x1", "4x4", "12x2"):
+            if (block,) in groups:
+                result[f"{block}, {label}"] = groups[(block,)]
+    return result
+
+
+def claim_f_table(model: str) -> list[str]:
+    """Claim (f): final sparsity by layer, input end first, under one q per layer type and
+    one q per layer (mean over seeds)."""
+    columns = claim_f_layers(model)
+    if not any(label.endswith("per layer") for label in columns):
+        return ["*an4_layer_q: not run yet.*", ""]
+    layers = [k for k in next(iter(columns.values()))[0]["sparsity"] if k != "total"]
+    rows = [[layer, *(sparsity_summary(group, layer) for group in columns.values())]
+            for layer in [*layers, "total"]]
+    return table(["layer", *columns], rows)
 
 
 def _sparsity_curves(run: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -335,19 +480,21 @@ def plot_sparsity_vs_step(run: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_final_sparsity_by_layer(runs: list[dict[str, Any]], path: Path) -> None:
-    """P1: final sparsity of each layer, input end first (claim (f))."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(runs)
-    for i, run in enumerate(runs):
-        layers = [k for k in run["sparsity"] if k != "total"]
+def plot_final_sparsity_by_layer(columns: dict[str, list[dict[str, Any]]], path: Path,
+                                 title: str) -> None:
+    """P1: final sparsity of each layer, input end first (claim (f)); one bar per column
+    (label: runs), the mean over its seeds."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(columns)
+    layers = [k for k in next(iter(columns.values()))[0]["sparsity"] if k != "total"]
+    for i, (label, runs) in enumerate(columns.items()):
         ax.bar(np.arange(len(layers)) + i * width,
-               [100 * run["sparsity"][k]["sparsity"] for k in layers], width,
-               label=f"{run['model']}{run['features']} {run['variant']}")
+               [100 * np.mean([r["sparsity"][k]["sparsity"] for r in runs]) for k in layers],
+               width, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
     ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers, rotation=30, ha="right",
                   fontsize=7)
     ax.set_ylabel("final sparsity (%)")
-    ax.set_title("final sparsity by layer, input end on the left (gradual threshold)")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -402,14 +549,26 @@ def build() -> list[str]:
              "## AN4, GL against GLP", "", *gl_table(),
              "## AN4, block sizes (gradual threshold, θ_b = θ·N_b^(1/4), q of the dense 512)", "",
              *blocks_table(),
-             f"## AN4, block sizes at one sparsity ({SIDE_MODEL.upper()} 512, cubic to 90%, "
-             "seed 0)", "", *blocks_cubic_table(SIDE_MODEL),
-             f"## AN4, block reductions ({SIDE_MODEL.upper()} 512, cubic to 90%, seed 0)", "",
+             f"## AN4, claim (c): three ways to set θ_b ({SIDE_MODEL.upper()} 512, gradual "
+             "threshold)", "",
+             f"q of the block scores: the 90th percentile of each block size's max scores in "
+             f"{'/'.join(Q_REFERENCE)} (`dense_scores.json`), no N_b scaling. Each cell: "
+             "mean ± half-range over seeds.", "",
+             *claim_c_table(SIDE_MODEL),
+             f"## AN4, claim (f): sparsity by layer, q per type against q per layer "
+             f"({SIDE_MODEL.upper()} 512, gradual threshold)", "",
+             *claim_f_table(SIDE_MODEL),
+             f"## AN4, block sizes at one sparsity ({SIDE_MODEL.upper()} 512, cubic to 90%)", "",
+             *blocks_cubic_table(SIDE_MODEL),
+             f"## AN4, block reductions ({SIDE_MODEL.upper()} 512, cubic to 90%)", "",
              *reductions_table(SIDE_MODEL),
              f"## AN4, CER against sparsity ({SIDE_MODEL.upper()} 512, BP 4×4, seed 0)", "",
              *sparsity_table(SIDE_MODEL),
              f"## AN4, gradual against one-shot pruning ({SIDE_MODEL.upper()} 512, to 90%)", "",
-             *oneshot_table(SIDE_MODEL)]
+             *oneshot_table(SIDE_MODEL),
+             "## AN4, RNN training recipes (dense RNN 512)", "", *recipe_table(),
+             "## AN4, P1's main table for the RNN under each recipe (test CER %)", "",
+             *recipe_main_table()]
     for study, title in (("ptb_main", "PTB words (test perplexity)"),
                          ("ptb_main_lr1", "PTB words, first pass at lr 1 (undertrained; "
                           "test perplexity)")):
@@ -419,14 +578,27 @@ def build() -> list[str]:
     (RESULTS / "TABLES.md").write_text("\n".join(lines))
 
     missing = []
-    blocks = {(r["model"], r["variant"]): r for r in load("an4_blocks")}
+    blocks = {(r["model"], r["variant"]): r for r in load("an4_blocks") if r["seed"] == 0}
     main = {(r["model"], r["features"], r["method"], r["seed"]): r for r in load("an4_main")}
     if ("gru", "1x1") in blocks:
         plot_sparsity_vs_step(blocks[("gru", "1x1")], PLOTS / "sparsity_vs_step.png")
-        plot_final_sparsity_by_layer([blocks[("gru", v)] for v in ("1x1", "4x4", "12x2")
-                                      if ("gru", v) in blocks], PLOTS / "sparsity_by_layer.png")
     else:
-        missing += ["sparsity_vs_step.png", "sparsity_by_layer.png"]
+        missing.append("sparsity_vs_step.png")
+    by_type = {label: runs for label, runs in claim_f_layers("gru").items()
+               if label.endswith("per type")}
+    if by_type:
+        plot_final_sparsity_by_layer(
+            by_type, PLOTS / "sparsity_by_layer.png",
+            "final sparsity by layer, input end on the left (gradual threshold, q per type)")
+    else:
+        missing.append("sparsity_by_layer.png")
+    columns = claim_f_layers(SIDE_MODEL)
+    if any(label.endswith("per layer") for label in columns):
+        plot_final_sparsity_by_layer(
+            columns, PLOTS / "sparsity_by_layer_q.png",
+            "claim (f): final sparsity by layer, q per layer type against q per layer")
+    else:
+        missing.append("sparsity_by_layer_q.png")
     cubic_32 = [r for r in load("an4_blocks_cubic") if r["variant"] == "32x32"]
     candidates = [main.get(("gru", 512, "wp", 0)), main.get(("gru", 512, "bp", 0)),
                   *cubic_32]

@@ -34,9 +34,29 @@ Studies (``python experiments/reproduce/grid.py list`` prints every run and its 
 * ``an4_oneshot``: P2's comparison, one-shot pruning to 90% at 40% of training (then
   training on) against ``an4_main``'s gradual BP and WP at the same final count.
 
-The last four studies use the GRU (``SIDE_MODEL``): they are read against its main-table
-rows, which were trained first, and its seeds agree far better than the clipped-ReLU
-RNN's on AN4 (CER half-ranges 0.3-1.5 points, GL 4.6, against up to 32).
+Second pass (issue 17):
+
+* ``an4_recipe``: candidate training recipes for the clipped-ReLU RNN (``RECIPES``: lower
+  learning rate with longer warm-up and clip 1; layer norm on the input projections;
+  both), dense RNN 512, three seeds; ``an4_rnn_recipe``: the RNN rows of the main table
+  under each (pick one with ``--match=_<recipe>_``).
+* ``an4_blocks_exp`` and ``an4_blocks_q``: claim (c)'s two fixes for θ_b = θ·N_b^(1/4):
+  a smaller exponent (1/8, ``prune.block_exponent``) with the first pass's q, and q
+  measured on each block size's scores (the 90th percentile of the dense model's max
+  block scores; exponent 0), GRU 512.
+* ``an4_layer_q``: claim (f), P2's threshold with one q per layer (``prune.q_layers``, the
+  90th percentile of that layer's block scores), GRU 512 at 1x1, 4x4 and 12x2.
+
+q per block size and per layer come from the weights of ``Q_REFERENCE`` (the GRU dense
+512, seed 2): ``collect`` reads each ``keep_scores`` run's newest checkpoint from the
+workdir and writes ``dense_scores.json`` (:func:`score_percentiles`) beside its report,
+so those runs must be trained and collected (same call, same ``--workdir``) before the
+studies that read it can run. The first pass kept no checkpoints. Every AN4 study of P1's
+tables and the reductions, and P3, now have seeds 0, 1 and 2.
+
+The last four studies of the first pass use the GRU (``SIDE_MODEL``): they are read
+against its main-table rows, which were trained first, and its seeds agree far better
+than the clipped-ReLU RNN's on AN4 (CER half-ranges 0.3-1.5 points, GL 4.6, against up to 32).
 
 Run studies (several processes share each GPU; a run whose ``report.json`` is already
 under ``--results`` is skipped; ``--deadline`` stops the rest and keeps what finished)::
@@ -69,15 +89,20 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bsrnn import launcher  # noqa: E402
-from bsrnn.configs import all_types  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+from bsrnn import export, launcher, methods, schedules  # noqa: E402
+from bsrnn import report as report_lib  # noqa: E402
+from bsrnn.configs import LAYER_TYPES, all_types  # noqa: E402
 
 RESULTS = REPO / "experiments" / "results"
 AN4 = "experiments/configs/an4_ds2.py"
 PTB = "experiments/configs/ptb_word.py"
 SEEDS = (0, 1)
-# The clipped-ReLU RNN's two seeds disagreed by up to 31 CER points on AN4: a third seed.
-AN4_SEEDS = {"rnn": (0, 1, 2), "gru": SEEDS}
+THREE_SEEDS = (0, 1, 2)
+# The clipped-ReLU RNN's two seeds disagreed by up to 31 CER points on AN4: a third seed;
+# the second pass (issue 17) gives every AN4 and P3 row three.
+AN4_SEEDS = {"rnn": THREE_SEEDS, "gru": THREE_SEEDS}
 BLOCK_SHAPES = ((1, 1), (4, 4), (12, 2), (8, 8), (16, 16), (32, 32))
 REDUCTIONS = ("max", "mean", "rms", "geomean", "median")
 SIDE_MODEL = "gru"  # the model of the cubic block-size, reductions, sparsity and
@@ -91,6 +116,27 @@ PTB_COMMON = {"batch_size": 64, "eval_every": 2000, "checkpoint_every": 2000,
               "model.dropout": 0.4}
 PTB_STEPS = 4000
 
+# Candidate training recipes for the clipped-ReLU RNN (issue 17; the first pass's Adam 1e-3,
+# 200 warm-up steps, clip 5 spiked on some seeds near step 150): a lower learning rate with
+# a longer warm-up and tighter clipping; DS2's normalised input projections (layer norm per
+# frame); both.
+RECIPES = {
+    "lr5e4": {"optimizer.learning_rate": 5e-4, "optimizer.warmup_steps": 300,
+              "optimizer.grad_clip": 1.0},
+    "ln": {"model.input_norm": True},
+    "lnlr5e4": {"model.input_norm": True, "optimizer.learning_rate": 5e-4,
+                "optimizer.warmup_steps": 300, "optimizer.grad_clip": 1.0},
+}
+# Claim (c)'s smaller exponent: θ_b = θ·N_b^(1/8), about how the 90th percentile of the max
+# of N_b Gaussian |w| grows (1.65x at 16, 1.91x at 64, 2.15x at 256 weights; P1's 1/4 gives
+# 2x, 2.8x, 4x).
+SMALL_EXPONENT = 0.125
+# The dense run whose block scores give the per-block-size and per-layer q (its
+# dense_scores.json, written by ``collect`` from its checkpoint): the side model's third
+# seed, trained in the second pass (the first pass kept no weights).
+Q_REFERENCE = ("an4_main", f"{SIDE_MODEL}512_dense_s2")
+Q_PERCENTILE = 90.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -102,6 +148,8 @@ class Run:
       config: ``--config`` of ``launch.py`` (file and arg).
       overrides: config overrides, ``{"a.b": value}``.
       keep_masks: whether ``collect`` keeps its ``masks.npz`` (for the plots).
+      keep_scores: whether ``collect`` writes its ``dense_scores.json`` (the percentiles
+        of its block scores, from its checkpoint: q for the runs that take it).
     """
 
     study: str
@@ -109,6 +157,7 @@ class Run:
     config: str
     overrides: dict[str, Any]
     keep_masks: bool = False
+    keep_scores: bool = False
 
     def args(self) -> list[str]:
         """The ``launch.py`` flags of this run, ``--workdir`` aside."""
@@ -117,10 +166,11 @@ class Run:
 
 
 def _an4(study: str, model: str, features: int, method: str, seed: int = 0,
-         suffix: str = "", keep_masks: bool = False, **overrides: Any) -> Run:
+         suffix: str = "", keep_masks: bool = False, keep_scores: bool = False,
+         **overrides: Any) -> Run:
     return Run(study, f"{model}{features}_{method}{suffix}_s{seed}",
                f"{AN4}:model={model},features={features},method={method},steps={AN4_STEPS}",
-               {**AN4_COMMON, "seed": seed, **overrides}, keep_masks)
+               {**AN4_COMMON, "seed": seed, **overrides}, keep_masks, keep_scores)
 
 
 def _ptb(study: str, cell: str, features: int, method: str, seed: int = 0,
@@ -147,42 +197,161 @@ def dense_q(study: str, name: str) -> dict[str, float]:
     return json.loads(path.read_text())["weight_percentile_90"]
 
 
+def block_shape_name(block_shape: tuple[int, int]) -> str:
+    """``(8, 8)`` -> ``"8x8"``, the keys of ``dense_scores.json`` and the run names."""
+    return f"{block_shape[0]}x{block_shape[1]}"
+
+
+def score_percentiles(params: Any, masks: Any, block_shapes: Any = BLOCK_SHAPES,
+                      percentile: float = Q_PERCENTILE) -> dict[str, Any]:
+    """The ``percentile`` of the max block scores of a trained dense model, per block shape,
+    per layer type and per layer: q measured per block size (claim (c)) and per layer
+    (claim (f)).
+
+    Args:
+      params, masks: the model's params and ``masks`` collection (numpy or jax trees).
+      block_shapes: the (bh, bw) to measure; a shape that does not fit a kernel (wider than
+        it) is left out for that kernel's type and layer.
+      percentile: in [0, 100] (P2: 90).
+
+    Returns:
+      ``{"percentile": p, "by_type": {"8x8": {"input": q, ...}, ...},
+      "by_layer": {"8x8": {"rnn/layer_0/input": q, ...}, ...}}``; layer names as in
+      ``report.json``'s ``sparsity``.
+    """
+    layer_type = methods.prunable_layer_type(masks, LAYER_TYPES)
+    kernels: dict[tuple[str, str], list[Any]] = {}
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        kind = layer_type(path, leaf)
+        if kind is not None:
+            kernels.setdefault((kind, report_lib.layer_name(path)), []).append(leaf)
+    result: dict[str, Any] = {"percentile": percentile, "by_type": {}, "by_layer": {}}
+    for shape in block_shapes:
+        name = block_shape_name(shape)
+        fits = {key: leaves for key, leaves in kernels.items()
+                if all(shape[0] <= k.shape[0] and shape[1] <= k.shape[1] for k in leaves)}
+        by_type: dict[str, list[Any]] = {}
+        for (kind, _), leaves in fits.items():
+            by_type.setdefault(kind, []).extend(leaves)
+        result["by_type"][name] = {kind: schedules.percentile_block_scores(
+            leaves, shape, "max", percentile) for kind, leaves in by_type.items()}
+        result["by_layer"][name] = {layer: schedules.percentile_block_scores(
+            leaves, shape, "max", percentile) for (_, layer), leaves in fits.items()}
+    return result
+
+
+def dense_scores(study: str, name: str) -> dict[str, Any]:
+    """``dense_scores.json`` of the dense run ``study/name`` (see :func:`score_percentiles`)."""
+    path = RESULTS / study / name / "dense_scores.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: q per block size and per layer come from that dense run's "
+            f"weights; run it (grid.py run --studies={study} --match=^{name}$) and collect it "
+            "from the same --workdir (collect reads its checkpoint).")
+    return json.loads(path.read_text())
+
+
+def _type_q(shape: tuple[int, int]) -> dict[str, Any]:
+    """``prune.q.<type>`` overrides: the reference run's q per type at ``shape`` (nan while
+    it is missing). The output layer keeps 16x16 where the blocks are wider than it."""
+    try:
+        scores = dense_scores(*Q_REFERENCE)["by_type"]
+        q = dict(scores[block_shape_name(shape)])
+        if "fc" not in q or shape[1] > 28:
+            q["fc"] = scores["16x16"]["fc"]
+    except FileNotFoundError:
+        q = {kind: math.nan for kind in LAYER_TYPES}
+    return {f"prune.q.{kind}": value for kind, value in q.items()}
+
+
+def _layer_q(shape: tuple[int, int]) -> dict[str, Any]:
+    """The ``prune.q_layers`` override: the reference run's q per layer at ``shape`` (nan
+    for the side model's layers while it is missing)."""
+    try:
+        q = dense_scores(*Q_REFERENCE)["by_layer"][block_shape_name(shape)]
+    except FileNotFoundError:
+        q = {name: math.nan for name in (
+            *(f"rnn/layer_{i}/{kind}" for i in range(3) for kind in ("input", "recurrent")),
+            "fc", "output")}
+    return {"prune.q_layers": tuple(sorted(q.items()))}
+
+
 def studies() -> dict[str, list[Run]]:
     """Every study of the grid, ``{study: [Run, ...]}`` (see the module docstring)."""
     grid: dict[str, list[Run]] = {}
     grid["an4_main"] = [
         _an4("an4_main", model, features, method, seed,
-             keep_masks=seed == 0 and features == 512 and method in ("wp", "bp"))
+             keep_masks=seed == 0 and features == 512 and method in ("wp", "bp"),
+             keep_scores=(features, method) == (512, "dense"))
         for model in ("rnn", "gru") for features, method in AN4_ROWS[model]
         for seed in AN4_SEEDS[model]
     ]
     grid["ptb_main"] = [
         _ptb("ptb_main", cell, features, method, seed)
         for cell in ("gru", "lstm") for features, method in PTB_ROWS for seed in SEEDS
-    ]
+    ] + [_ptb("ptb_main", "lstm", 512, "dense", 2)]  # P3's G = 1 row, third seed
     grid["ptb_p3"] = [
-        _ptb("ptb_p3", "lstm", features, "structural", suffix=f"G{g}",
+        _ptb("ptb_p3", "lstm", features, "structural", seed, suffix=f"G{g}",
              **{"structure.num_modules": g})
         for g in (2, 4, 8, 16)
-        for features in (512, g * round(512 * math.sqrt(g) / g))
+        for features in (512, g * round(512 * math.sqrt(g) / g)) for seed in THREE_SEEDS
     ]
     grid["an4_blocks"] = [
-        _an4("an4_blocks", model, 512, "bp", suffix=f"{bh}x{bw}",
-             keep_masks=(bh, bw) in ((1, 1), (4, 4), (32, 32)),
+        _an4("an4_blocks", model, 512, "bp", seed, suffix=f"{bh}x{bw}",
+             keep_masks=seed == 0 and (bh, bw) in ((1, 1), (4, 4), (32, 32)),
              **{"prune.schedule": "gradual"}, **_block_shape(bh, bw),
              **{f"prune.q.{kind}": q for kind, q in _q_or_placeholder(model).items()})
-        for model in ("rnn", "gru") for bh, bw in BLOCK_SHAPES
+        for model in ("rnn", "gru") for bh, bw in BLOCK_SHAPES for seed in THREE_SEEDS
+    ]
+    # Claim (c)'s two fixes, side model: the first pass's q per type with θ_b = θ·N_b^(1/8)
+    # (1x1 is an4_blocks' own: N_b = 1); q measured on the block scores of each size, no
+    # N_b scaling.
+    grid["an4_blocks_exp"] = [
+        _an4("an4_blocks_exp", SIDE_MODEL, 512, "bp", seed, suffix=f"{bh}x{bw}",
+             **{"prune.schedule": "gradual", "prune.block_exponent": SMALL_EXPONENT},
+             **_block_shape(bh, bw),
+             **{f"prune.q.{kind}": q for kind, q in _q_or_placeholder(SIDE_MODEL).items()})
+        for bh, bw in BLOCK_SHAPES[1:] for seed in THREE_SEEDS
+    ]
+    grid["an4_blocks_q"] = [
+        _an4("an4_blocks_q", SIDE_MODEL, 512, "bp", seed, suffix=f"{bh}x{bw}",
+             **{"prune.schedule": "gradual", "prune.block_exponent": 0.0},
+             **_block_shape(bh, bw), **_type_q((bh, bw)))
+        for bh, bw in BLOCK_SHAPES for seed in THREE_SEEDS
+    ]
+    # Claim (f): P2's threshold with one q per layer (the 90th percentile of that layer's
+    # block scores in the dense model), at the block sizes of P1's figure.
+    grid["an4_layer_q"] = [
+        _an4("an4_layer_q", SIDE_MODEL, 512, "bp", seed, suffix=f"{bh}x{bw}",
+             **{"prune.schedule": "gradual", "prune.block_exponent": 0.0},
+             **all_types("prune.block_shape", (bh, bw)), **_layer_q((bh, bw)))
+        for bh, bw in ((1, 1), (4, 4), (12, 2)) for seed in THREE_SEEDS
+    ]
+    # The candidate RNN recipes: the dense 512 first (which recipe trains it reliably),
+    # then every RNN row of the main table under each (select one with --match=_<recipe>_).
+    grid["an4_recipe"] = [
+        _an4("an4_recipe", "rnn", 512, "dense", seed, suffix=f"_{recipe}", keep_scores=seed == 0,
+             **overrides)
+        for recipe, overrides in RECIPES.items() for seed in THREE_SEEDS
+    ]
+    grid["an4_rnn_recipe"] = [
+        _an4("an4_rnn_recipe", "rnn", features, method, seed, suffix=f"_{recipe}",
+             keep_masks=seed == 0 and features == 512 and method in ("wp", "bp"), **overrides)
+        for recipe, overrides in RECIPES.items()
+        for features, method in AN4_ROWS["rnn"] if (features, method) != (512, "dense")
+        for seed in THREE_SEEDS
     ]
     grid["an4_blocks_cubic"] = [
-        _an4("an4_blocks_cubic", SIDE_MODEL, 512, "bp", suffix=f"{bh}x{bw}",
-             keep_masks=(bh, bw) == (32, 32), **_block_shape(bh, bw))
-        for bh, bw in ((8, 8), (12, 2), (32, 32))
+        _an4("an4_blocks_cubic", SIDE_MODEL, 512, "bp", seed, suffix=f"{bh}x{bw}",
+             keep_masks=seed == 0 and (bh, bw) == (32, 32), **_block_shape(bh, bw))
+        for bh, bw in ((8, 8), (12, 2), (32, 32)) for seed in THREE_SEEDS
     ]
     grid["an4_reductions"] = [
-        _an4("an4_reductions", SIDE_MODEL, 512, "bp", suffix=f"{shape[0]}x{shape[1]}{reduction}",
+        _an4("an4_reductions", SIDE_MODEL, 512, "bp", seed,
+             suffix=f"{shape[0]}x{shape[1]}{reduction}",
              **all_types("prune.block_shape", shape), **all_types("prune.reduction", reduction))
         for shape in ((4, 4), (16, 16)) for reduction in REDUCTIONS
-        if (shape, reduction) != ((4, 4), "max")
+        if (shape, reduction) != ((4, 4), "max") for seed in THREE_SEEDS
     ]
     grid["an4_sparsity"] = [
         _an4("an4_sparsity", SIDE_MODEL, 512, "bp", suffix=f"{round(100 * s)}",
@@ -223,12 +392,19 @@ def _select(names: str, match: str = "") -> list[Run]:
     if unknown:
         raise SystemExit(f"grid.py: unknown studies {unknown}; known: {sorted(grid)}.")
     runs = [run for study in chosen for run in grid[study] if re.search(match, run.name)]
-    missing_q = [r.name for r in runs if any(
-        isinstance(v, float) and math.isnan(v) for v in r.overrides.values())]
+    missing_q = [r.name for r in runs if _has_nan(list(r.overrides.values()))]
     if missing_q:
-        raise SystemExit(f"grid.py: {missing_q} need q from an4_main's dense runs; run and "
-                         "collect an4_main first.")
+        raise SystemExit(f"grid.py: {missing_q} need q from dense runs not yet collected "
+                         f"(an4_main's dense 512 runs; dense_scores.json of "
+                         f"{'/'.join(Q_REFERENCE)}); run and collect those first.")
     return runs
+
+
+def _has_nan(value: Any) -> bool:
+    """Whether ``value`` (a float, or tuples and lists of them) holds a nan placeholder."""
+    if isinstance(value, tuple | list):
+        return any(_has_nan(v) for v in value)
+    return isinstance(value, float) and math.isnan(value)
 
 
 def run(names: str, workdir: Path, workers: int, deadline: float, match: str = "") -> None:
@@ -287,8 +463,21 @@ def collect(workdir: Path) -> None:
         for file in files:
             if (report.parent / file).exists():
                 shutil.copy(report.parent / file, target / file)
+        if grid[study, name].keep_scores and not (target / "dense_scores.json").exists():
+            _write_scores(report.parent, target / "dense_scores.json")
         copied += 1
     print(f"grid.py: collected {copied} runs into {RESULTS}")
+
+
+def _write_scores(folder: Path, path: Path) -> None:
+    """``dense_scores.json`` of the run in ``folder`` from its newest checkpoint (a note,
+    not an error, when it has none: the first pass kept no checkpoints)."""
+    try:
+        _, params, masks = export.restore_newest(folder)
+    except FileNotFoundError as e:
+        print(f"grid.py: no dense_scores.json for {folder.name}: {e}")
+        return
+    path.write_text(json.dumps(score_percentiles(params, masks), indent=1) + "\n")
 
 
 def main() -> None:

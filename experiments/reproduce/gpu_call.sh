@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call of the reproduction grid (issue 17): train, collect, hand back.
+#
+#   bash experiments/reproduce/gpu_call.sh STUDIES MATCH WORKERS DEADLINE
+#
+# Run from the repository root on the device machine with .whl (ml_collections,
+# tensorboardX, tqdm) and workdir_data/ (a copy of ../shared/data/an4, and ptb for the PTB
+# studies; /workdir*/ is git-ignored) carried. grid.py run sets the Triton GEMM flag itself
+# (--xla_gpu_enable_triton_gemm=false: 12+ processes autotuning at once took minutes to
+# start). collect writes dense_scores.json from the checkpoints of the keep_scores runs, so
+# it must run in the same call as their training. What collect changed under
+# experiments/results comes back in $OUT/results (copy it over the checkout's), the log in
+# $OUT/log, and the log.txt of every unfinished run in $OUT/failed.
+set -u
+STUDIES=$1 MATCH=$2 WORKERS=$3 DEADLINE=$4
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export BSRNN_DATA=${BSRNN_DATA:-$PWD/workdir_data}
+W=${WORKDIR:-/tmp/grid}
+mkdir -p "$W" "$OUT/failed"
+{
+  echo "=== $(date +%T) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  python3 experiments/reproduce/grid.py run --studies="$STUDIES" --match="$MATCH" \
+    --workdir="$W" --workers="$WORKERS" --deadline="$DEADLINE"
+  echo "=== $(date +%T) run rc $?"
+  touch "$W/.collect_stamp"
+  sleep 1
+  python3 experiments/reproduce/grid.py collect --workdir="$W"
+  echo "=== $(date +%T) collect rc $?"
+  find experiments/results -type f -newer "$W/.collect_stamp" -print | while read -r f; do
+    mkdir -p "$OUT/results/$(dirname "${f#experiments/results/}")"
+    cp "$f" "$OUT/results/${f#experiments/results/}"
+  done
+  for log in "$W"/*/*/log.txt; do
+    [ -e "$log" ] || continue
+    [ -e "$(dirname "$log")/report.json" ] && continue
+    cp "$log" "$OUT/failed/$(basename "$(dirname "$(dirname "$log")")")_$(basename "$(dirname "$log")").txt"
+  done
+  echo "=== $(date +%T) done"
+} 2>&1 | tee "$OUT/log"
