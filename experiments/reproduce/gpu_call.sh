@@ -39,3 +39,5 @@ mkdir -p "$W" "$OUT/failed"
   done
   echo "=== $(date +%T) done"
 } 2>&1 | tee "$OUT/log"
+# The device tool returns at most 8 files, 2 folders down: everything travels as one archive.
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results failed && rm -rf "$OUT/results" "$OUT/failed"
