@@ -9,8 +9,8 @@
 # (--xla_gpu_enable_triton_gemm=false: 12+ processes autotuning at once took minutes to
 # start). collect writes dense_scores.json from the checkpoints of the keep_scores runs, so
 # it must run in the same call as their training. What collect changed under
-# experiments/results comes back in $OUT/results (copy it over the checkout's), the log in
-# $OUT/log, and the log.txt of every unfinished run in $OUT/failed.
+# experiments/results and the log.txt of every unfinished run come back in one archive,
+# $OUT/results.tar.gz (results/: copy it over experiments/results; failed/), the log in $OUT/log.
 set -u
 STUDIES=$1 MATCH=$2 WORKERS=$3 DEADLINE=$4
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
