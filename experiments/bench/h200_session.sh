@@ -3,7 +3,9 @@
 # limit, so one failure does not stop the rest. Results land in $OUT/results.tar.gz, the log
 # in $OUT/log. Run from the repository root on the device machine, with .whl carried
 # (ml_collections, tensorboardX, tqdm):  STEPS="seq others e2e" bash experiments/bench/h200_session.sh
-# STEPS picks the benchmarks (default: all, in this order): tests seq others e2e ds2step bd matmul
+# STEPS picks the benchmarks (default: all, in this order): tests seq others e2e ds2step bd matmul;
+# OTHER_CASES, OTHER_BLOCKS, OTHER_METHODS, OTHER_BUDGET narrow "others". COMMIT names the commit
+# (the device's copy of .git is the session's first checkout, so rev-parse there is stale).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
@@ -24,8 +26,9 @@ python3 -c "import jax, jaxlib, torch, triton; print('jax', jax.__version__, 'to
 step tests 80 python3 -m pytest -q -p no:warnings tests/test_recurrence.py tests/test_mosaic_gpu.py -k "gpu or mosaic"
 step seq 170 $SEQ --cases gru:2560 --blocks 16x16,4x4,32x32 --methods cudnn,dense,auto,pallas,mosaic \
   --budget_s 150 --json=$R/gru2560.json --markdown=$R/gru2560.md
-step others 110 $SEQ --cases lstm:1500,gru:1760,rnn:1760 --blocks 16x16,4x4 \
-  --methods ${OTHER_METHODS:-cudnn,dense,auto} --budget_s 95 --json=$R/others.json --markdown=$R/others.md
+step others $((${OTHER_BUDGET:-95} + 15)) $SEQ --cases ${OTHER_CASES:-lstm:1500,gru:1760,rnn:1760} \
+  --blocks ${OTHER_BLOCKS:-16x16,4x4} --methods ${OTHER_METHODS:-cudnn,dense,auto,pallas} \
+  --budget_s ${OTHER_BUDGET:-95} --json=$R/others.json --markdown=$R/others.md
 step e2e 90 python3 experiments/bench/end_to_end.py --repeats 5 --json=$R/e2e.json --markdown=$R/e2e.md
 step ds2step 110 python3 experiments/bench/masked_step.py --model ds2 --repeats 3 --json=$R/ds2step.json
 step bd 70 python3 experiments/bench/block_diagonal.py --unroll=8 --repeats 10 --json=$R/bd.json --markdown=$R/bd.md
