@@ -1,7 +1,8 @@
 """The trainer's data: ``config.data`` -> a corpus, its batches and their positions.
 
 ``config.data.name`` picks the loader from :mod:`bsrnn.data` (``config.data.path`` is its
-argument; empty means the loader's default where it has one):
+argument; empty means the loader's default where it has one; word corpora also take
+``config.data.max_vocab`` and, for ``words``, ``config.data.prefix``):
 
 =============== ============================================ ======= ============
 name            loader                                       task    eval splits
@@ -10,6 +11,7 @@ name            loader                                       task    eval splits
 ``text``        ``load_text_file`` (any UTF-8 file)           lm/char valid, test
 ``ptb_chars``   ``load_ptb_chars``                            lm/char valid, test
 ``ptb_words``   ``load_ptb_words``                            lm/word valid, test
+``words``       ``load_words`` (any ``train.txt`` folder)     lm/word valid, test
 ``an4``         ``load_an4``, normalised, ``ctc_vocabulary``  ctc     test
 ``fsdd``        ``load_fsdd``, normalised, ``ctc_vocabulary`` ctc     test
 =============== ============================================ ======= ============
@@ -38,6 +40,7 @@ TEXT_LOADERS = {
     "text": (data.load_text_file, "char"),
     "ptb_chars": (data.load_ptb_chars, "char"),
     "ptb_words": (data.load_ptb_words, "word"),
+    "words": (data.load_words, "word"),
 }
 SPEECH_LOADERS = {"an4": data.load_an4, "fsdd": data.load_fsdd}
 DATASETS = (*TEXT_LOADERS, *SPEECH_LOADERS)
@@ -90,7 +93,9 @@ def load(config: ml_collections.ConfigDict) -> Data:
     try:
         if name in TEXT_LOADERS:
             loader, unit = TEXT_LOADERS[name]
-            return TextData(loader(path) if path else loader(), unit)
+            options = {k: config.data[k] for k in ("prefix", "max_vocab")
+                       if unit == "word" and config.data.get(k) is not None}
+            return TextData(loader(path, **options) if path else loader(), unit)
         corpus, _ = data.normalize_corpus(SPEECH_LOADERS[name](path))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} Set --config.data.path=... (data set {name!r}).") from e

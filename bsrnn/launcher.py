@@ -1,11 +1,22 @@
-"""What ``launch.py`` runs: flag parsing with clear config errors, single runs and sweeps.
+"""What ``python -m bsrnn`` (and ``launch.py``) runs: flag parsing with clear config errors,
+single runs and sweeps.
+
+Nothing here depends on the repository: ``--config`` is a path, or the name of a config
+shipped in :mod:`bsrnn.configs` (:data:`DEFAULT_CONFIG` when absent), ``--data_root`` sets
+``$BSRNN_DATA`` before the config file reads it (:func:`bsrnn.configs.data_path`), and sweep
+workers run ``python -m bsrnn``.
 
 A sweep file (``experiments/sweeps/*.py``) defines ``get_sweep(arg) -> list[dict]``: one
 dict of config overrides per member, keys as on the command line without ``config.``
 (``{"prune.block_shape.recurrent": (8, 8)}``). ``launch.py --sweep=FILE[:arg]`` runs every
 member in its own sub-workdir ``<workdir>/<NN>_<values>``, then writes
 ``<workdir>/sweep_summary.json`` and ``sweep_summary.txt``, a table of the members'
-reports. Members run one after another in this process, or with ``--sweep_workers=N``
+reports. With ``--vmap``, members that differ only in values (seeds, learning rates,
+λ_g, target sparsities: :data:`bsrnn.vmap_sweep.SWEEPABLE`) train as one vmapped program
+on one device, each then evaluated and reported in its sub-workdir (no checkpoints:
+:mod:`bsrnn.vmap_sweep`); it is a flag, not automatic, because such a sweep keeps no
+checkpoints (an interrupted one starts its unfinished members again). Otherwise members run one after another in this
+process, or with ``--sweep_workers=N``
 in N processes at once, spread over the GPUs through ``CUDA_VISIBLE_DEVICES`` (workers
 that share a GPU allocate as they go; on CPUs they share the cores). Members whose
 sub-workdir already holds a ``report.json`` are not run again, so a sweep resumes like a
@@ -39,31 +50,67 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from bsrnn import report, sharding, train
+from bsrnn import report, sharding, train, vmap_sweep
 from bsrnn import workdir as workdir_lib
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = str(REPO / "experiments" / "configs" / "shakespeare_gru.py")
-LAUNCH = REPO / "launch.py"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # bsrnn/configs/*.py
+DEFAULT_CONFIG = str(SHIPPED_CONFIGS / "shakespeare_gru.py")
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # where `import bsrnn` finds it
 
 # Errors whose message tells the user what to do: printed without a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, train.CheckpointError,
                workdir_lib.WorkdirError)
 
 
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The last ``--name=value`` (or ``--name value``) of ``argv``, or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+        elif a == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def resolve_config(spec: str) -> str:
+    """``--config``'s ``path[:arg]`` with a shipped config's name (``shakespeare_gru``)
+    replaced by its file; a path is kept as given (relative to the current directory).
+
+    Raises:
+      FileNotFoundError: neither a file nor a shipped config, both named.
+    """
+    path, colon, arg = spec.partition(":")
+    if Path(path).is_file():
+        return spec
+    shipped = SHIPPED_CONFIGS / f"{path.removesuffix('.py')}.py"
+    if "/" not in path and shipped.is_file():
+        return f"{shipped}{colon}{arg}"
+    names = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.py") if p.stem != "__init__")
+    raise FileNotFoundError(
+        f"--config={path}: no such config file; pass a config file's path (e.g. "
+        f"experiments/configs/ptb_word.py in the repository) or a shipped config: {names}."
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with unknown config keys reported by name instead of a traceback.
 
-    Without ``--config`` the default config (:data:`DEFAULT_CONFIG`) is used. Wrong types are
-    already reported by absl (``flag --config.num_steps=abc: invalid literal for int()``).
+    Without ``--config`` the default config (:data:`DEFAULT_CONFIG`) is used; a shipped
+    config may be given by name (:func:`resolve_config`). ``--data_root`` is applied (as
+    ``$BSRNN_DATA``) before the config file runs. Wrong types are already reported by absl
+    (``flag --config.num_steps=abc: invalid literal for int()``).
     """
     if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
         argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
-    for a in argv[1:]:
-        path = a.removeprefix("--config=").split(":")[0]
-        if a.startswith("--config=") and not Path(path).is_file():
-            sys.exit(f"FATAL Flags parsing error: --config={path}: no such config file; "
-                     "see experiments/configs/.")
+    try:
+        argv = [argv[0], *(f"--config={resolve_config(a.removeprefix('--config='))}"
+                           if a.startswith("--config=") else a for a in argv[1:])]
+    except FileNotFoundError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
+    data_root = _flag_value(argv[1:], "data_root")
+    if data_root:
+        os.environ["BSRNN_DATA"] = str(Path(data_root).expanduser().resolve())
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -89,8 +136,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _quiet_libraries(record: Any) -> bool:
-    """Drop orbax's INFO lines (a dozen per checkpoint); keep its warnings and errors."""
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+    """Drop orbax's INFO lines (a dozen per checkpoint), and JAX's INFO line for each
+    platform it probes and does not find ("Unable to initialize backend 'tpu'" on every CPU
+    or GPU machine); keep every warning and error (a backend the user asked for with
+    ``JAX_PLATFORMS`` that fails is an error)."""
+    if record.levelno >= py_logging.WARNING:
+        return True
+    if "/orbax/" in record.pathname:
+        return False
+    return not (record.name.endswith("xla_bridge")
+                and str(record.msg).startswith("Unable to initialize backend"))
 
 
 def main(parsed: flags.FlagValues) -> None:
@@ -104,6 +159,9 @@ def main(parsed: flags.FlagValues) -> None:
         if distributed and parsed.sweep:
             raise ValueError("--sweep runs on one host; drop the multi-host flags, or launch "
                              "each member as its own multi-host run.")
+        if parsed.vmap and not parsed.sweep:
+            raise ValueError("--vmap trains the members of a sweep together; give --sweep=FILE "
+                             "too, or drop --vmap.")
         if parsed.sweep:
             config_holder = parsed["config"]
             base_args = [f"--config={config_flags.get_config_filename(config_holder)}"] + [
@@ -111,7 +169,8 @@ def main(parsed: flags.FlagValues) -> None:
                 for k, v in config_flags.get_override_values(config_holder).items()
             ]
             failed = run_sweep(config, parsed.sweep, parsed.workdir,
-                               workers=parsed.sweep_workers, base_args=base_args)
+                               workers=parsed.sweep_workers, base_args=base_args,
+                               vmap=parsed.vmap)
             if failed:
                 sys.exit(f"launch.py: {failed} sweep member(s) failed; see the summary above.")
         else:
@@ -183,7 +242,7 @@ def config_flag(key: str, value: Any) -> str:
 
 def run_sweep(
     config: ml_collections.ConfigDict, sweep: str, workdir: str | Path, *, workers: int = 1,
-    base_args: Sequence[str] = (),
+    base_args: Sequence[str] = (), vmap: bool = False,
 ) -> int:
     """Run every member of ``sweep`` on ``config``; write and print the summary table.
 
@@ -194,6 +253,9 @@ def run_sweep(
       workers: members at once; above 1, each runs as ``launch.py`` in its own process
         (``base_args`` plus its overrides), on the GPUs as :func:`worker_env` assigns them.
       base_args: the ``--config`` flags that rebuild ``config`` in a worker process.
+      vmap: train the members as one vmapped program in this process
+        (:func:`bsrnn.vmap_sweep.train_and_report`); they must differ only in values
+        (:data:`bsrnn.vmap_sweep.SWEEPABLE`), else ``ValueError`` names what differs.
 
     Returns:
       The number of failed members.
@@ -204,7 +266,16 @@ def run_sweep(
         members.append({"name": member_name(i, overrides), "overrides": overrides,
                         "config": apply_overrides(config, overrides)})
     todo = [m for m in members if not (workdir / m["name"] / "report.json").exists()]
-    if workers <= 1:
+    if vmap and workers > 1:
+        raise ValueError("--vmap trains the members in one process; drop --sweep_workers.")
+    if vmap and todo:
+        logging.info("Sweep members %s as one vmapped program.", [m["name"] for m in todo])
+        outcomes = vmap_sweep.train_and_report([m["config"] for m in todo],
+                                               [workdir / m["name"] for m in todo])
+        for member, outcome in zip(todo, outcomes, strict=True):
+            if "error" in outcome:
+                member["error"] = outcome["error"]
+    elif workers <= 1:
         for member in todo:
             logging.info("Sweep member %s: %s", member["name"], member["overrides"])
             try:
@@ -266,7 +337,7 @@ def worker_env(slot: int, workers: int, gpus: Sequence[str]) -> dict[str, str]:
 def run_in_processes(
     jobs: list[dict[str, Any]], workers: int, deadline: float = float("inf")
 ) -> None:
-    """Run ``launch.py`` once per job, ``workers`` at a time, spread over the GPUs
+    """Run ``python -m bsrnn`` once per job, ``workers`` at a time, spread over the GPUs
     (:func:`worker_env`).
 
     Args:
@@ -308,10 +379,13 @@ def run_in_processes(
                 continue
             job = queue.pop(0)
             job["workdir"].mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, str(LAUNCH), *job["args"], f"--workdir={job['workdir']}"]
+            command = [sys.executable, "-m", "bsrnn", *job["args"],
+                       f"--workdir={job['workdir']}"]
             (job["workdir"] / "command.txt").write_text(shlex.join(command) + "\n")
             log = (job["workdir"] / "log.txt").open("w")
             env = dict(os.environ, **worker_env(slot, workers, gpus))
+            env["PYTHONPATH"] = os.pathsep.join(  # this bsrnn, installed or not
+                filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
             logging.info("Job %s on worker slot %d", job["workdir"], slot)
             running[slot] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                               env=env), job, log)

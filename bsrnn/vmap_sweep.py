@@ -16,12 +16,22 @@ params and chain from it, so a member trains exactly like ``train.train_step`` a
 Schedules hold traced fields there and skip their checks (:mod:`bsrnn.schedules`); the
 checks run on every member's concrete config before anything is traced.
 
-Not here: evaluation, checkpoints and logs of ``train.train_and_evaluate``; evaluate a
-member with ``train.evaluate`` on :func:`member` of the final states.
+From the launcher, ``launch.py --sweep=FILE --vmap`` runs the members of a sweep file this
+way (:func:`train_and_report`): one program trains them all, then each member is evaluated
+and written to its own sub-workdir as a run of ``train.train_and_evaluate`` would write it
+(``config.json``, ``metrics.jsonl`` and TensorBoard train records every ``log_every`` steps
+and the final evaluations, ``report.json``, ``masks.npz``, ``model.npz``), so the sweep
+summary reads the same. What it does not do: checkpoints (an interrupted vmapped sweep
+starts its unfinished members again; members with a ``report.json`` are skipped), evaluation
+during training, sparse training (``prune.sparse_training``), several devices, and the
+trainer's divergence warnings. ``wall_time_s`` of each report is the shared program's.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,7 +40,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from bsrnn import input_pipeline, methods, train
+from bsrnn import input_pipeline, methods, report, train
 
 SWEEPABLE = (
     "seed",
@@ -101,7 +111,7 @@ def initial_states(
     def init(member_values):
         return train.initial_state(member_config(config, member_values), model, task, batch)[0]
 
-    return jax.vmap(init)(values)
+    return jax.jit(jax.vmap(init))(values)  # one program: op by op, vmap's init is slow
 
 
 def make_step(config: ml_collections.ConfigDict, model: Any, task: str) -> Any:
@@ -120,15 +130,11 @@ def member(states: train.TrainState, index: int) -> train.TrainState:
     return jax.tree_util.tree_map(lambda x: x[index], states)
 
 
-def train_members(
+def _train(
     configs: list[ml_collections.ConfigDict],
-) -> tuple[train.TrainState, np.ndarray]:
-    """Train the members together for ``configs[0].num_steps`` steps on one device.
-
-    Returns:
-      The final states (leading member axis M) and the training losses, (num_steps, M),
-      mean nats per token (LM) or CTC loss per utterance (speech).
-    """
+) -> tuple[train.TrainState, dict[str, np.ndarray], input_pipeline.Data, Any]:
+    """Train the members; the states, the step metrics ``{name: (num_steps, M)}``, the data
+    and the model."""
     values = stack_values(configs)
     config = configs[0]
     dataset = input_pipeline.load(config)
@@ -139,9 +145,89 @@ def train_members(
     step = make_step(config, model, task)
     batches = input_pipeline.train_batches(dataset, config, None)
     values = jax.tree_util.tree_map(jnp.asarray, values)
-    losses = []
+    history = []
     for _ in range(config.num_steps):
         batch, _ = next(batches)
         states, metrics = step(values, states, batch)
-        losses.append(metrics["loss"])
-    return states, np.asarray(jax.device_get(losses))
+        history.append(metrics)
+    history = jax.device_get(history)
+    return states, {k: np.stack([m[k] for m in history]) for k in history[0]}, dataset, model
+
+
+def train_members(
+    configs: list[ml_collections.ConfigDict],
+) -> tuple[train.TrainState, np.ndarray]:
+    """Train the members together for ``configs[0].num_steps`` steps on one device.
+
+    Returns:
+      The final states (leading member axis M) and the training losses, (num_steps, M),
+      mean nats per token (LM) or CTC loss per utterance (speech).
+    """
+    states, metrics, _, _ = _train(configs)
+    return states, metrics["loss"]
+
+
+def log_windows(num_steps: int, log_every: int) -> list[tuple[int, int]]:
+    """The trainer's train-record windows ``(first, end)`` of step indices (end exclusive):
+    a record every ``log_every`` steps and one at the last step."""
+    ends = [*range(log_every, num_steps, log_every), num_steps]
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def train_and_report(
+    configs: list[ml_collections.ConfigDict], workdirs: list[str | Path]
+) -> list[dict[str, Any]]:
+    """Train ``configs`` as one vmapped program, then evaluate each member and write its
+    workdir as ``train.train_and_evaluate`` would (see the module docstring). A member whose
+    training loss became non-finite gets no report, only an error (the others go on).
+
+    Args:
+      configs: M member configs that differ only in :data:`SWEEPABLE` values.
+      workdirs: M folders, one per member (created).
+
+    Returns:
+      One entry per member: ``{"report": the content of its report.json}`` or
+      ``{"error": why it has none}``.
+
+    Raises:
+      ValueError: members that differ in more than values, sparse training, or a mesh of
+        more than one device.
+    """
+    if len(configs) != len(workdirs):
+        raise ValueError(f"{len(configs)} configs but {len(workdirs)} workdirs; give one each.")
+    for config in configs:
+        if config.prune.get("sparse_training"):
+            raise ValueError("a vmapped sweep has no sparse training; set "
+                             "--config.prune.sparse_training=False or drop --vmap.")
+        train._check_config(config)
+    started = time.time()
+    states, metrics, dataset, model = _train(configs)
+    wall_time = time.time() - started
+    reports = []
+    for i, (config, workdir) in enumerate(zip(configs, workdirs, strict=True)):
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        bad = np.flatnonzero(~np.isfinite(metrics["loss"][:, i]))
+        if bad.size:
+            reports.append({"error": f"non-finite training loss at step {bad[0] + 1}; lower "
+                                     "its optimizer.learning_rate or optimizer.grad_clip."})
+            continue
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        state = member(states, i)
+        writer = report.MetricWriter(workdir)
+        final = {}
+        for first, end in log_windows(config.num_steps, config.log_every):
+            final["train"] = {k: float(np.mean(v[first:end, i])) for k, v in metrics.items()}
+            writer.write(end, "train", final["train"])
+        for split in dataset.eval_splits:
+            final[split] = train.evaluate(model, state.params, state.masks, dataset, config,
+                                          split)
+            writer.write(config.num_steps, split, final[split])
+        writer.close()
+        result = train.build_report(config, workdir, state, final, wall_time)
+        report.save_masks(workdir / "masks.npz", jax.device_get(state.masks))
+        result["export"] = train.export_model(config, workdir, state, dataset, model, final)
+        (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(report.format_report(result), flush=True)
+        reports.append({"report": result})
+    return reports

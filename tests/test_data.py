@@ -64,6 +64,120 @@ def test_ptb_unknown_words_map_to_unk_with_train_vocabulary(tmp_path):
     assert corpus.test.tolist() == [ids("<unk>"), ids("dog"), ids("<eos>")]
 
 
+def write_corpus(folder: Path, train: str, valid: str, test: str, prefix: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, text in (("train", train), ("valid", valid), ("test", test)):
+        (folder / f"{prefix}{split}.txt").write_text(text)
+    return folder
+
+
+def test_words_vocabulary_eos_unk_and_ids_by_hand(tmp_path):
+    folder = write_corpus(tmp_path, "the cat  sat\nthe\tdog\n", " the bird\n", "a cat")
+    corpus = data.load_words(folder)
+    # Train counts: <eos> 2, the 2, cat/dog/sat 1; ties by string ('<' sorts before 't');
+    # <unk> is appended as it never occurs in train.
+    assert corpus.vocab.tokens == ("<eos>", "the", "cat", "dog", "sat", "<unk>")
+    assert corpus.train.tolist() == [1, 2, 4, 0, 1, 3, 0]
+    assert corpus.valid.tolist() == [1, 5, 0]  # bird -> <unk>
+    assert corpus.test.tolist() == [5, 2, 0]  # a last line without a newline still ends in <eos>
+    assert corpus.train.dtype == np.int32
+
+
+def test_words_max_vocab_maps_rare_words_to_unk(tmp_path):
+    folder = write_corpus(tmp_path, "the cat sat\nthe dog <unk>\n", "dog cat\n", "the\n")
+    corpus = data.load_words(folder, max_vocab=4)
+    # Kept: <eos>, <unk> and the 2 most frequent other words, the (2) and cat (1, before
+    # dog and sat by string order). Train after mapping: <eos> 2, <unk> 3, the 2, cat 1.
+    assert corpus.vocab.tokens == ("<unk>", "<eos>", "the", "cat")
+    assert corpus.train.tolist() == [2, 3, 0, 1, 2, 0, 0, 1]
+    assert corpus.valid.tolist() == [0, 3, 1]
+    assert len(data.load_words(folder).vocab) == 6  # uncapped: <unk> is PTB's own token
+    with pytest.raises(ValueError, match="max_vocab=2.*3 or more"):
+        data.load_words(folder, max_vocab=2)
+
+
+def test_words_prefixed_names_and_the_ptb_loader_agree(tmp_path):
+    texts = ("a b a\nc\n", "a c\n", "b\n")
+    plain = data.load_words(write_corpus(tmp_path / "plain", *texts))
+    wiki = data.load_words(write_corpus(tmp_path / "wiki", *texts, prefix="wiki."))
+    ptb = data.load_ptb_words(write_corpus(tmp_path / "ptb", *texts, prefix="ptb."))
+    for corpus in (wiki, ptb):
+        assert corpus.vocab == plain.vocab
+        for split in ("train", "valid", "test"):
+            assert getattr(corpus, split).tolist() == getattr(plain, split).tolist()
+    write_corpus(tmp_path / "ptb", *texts, prefix="ptb.char.")  # as in the real PTB folder
+    with pytest.raises(ValueError, match=r"ptb\.train\.txt, ptb\.char\.train\.txt.*prefix="):
+        data.load_words(tmp_path / "ptb")
+    assert data.load_words(tmp_path / "ptb", prefix="ptb").vocab == plain.vocab
+
+
+def test_words_wrong_folder_names_the_expected_files(tmp_path):
+    (tmp_path / "train.txt").write_text("a\n")
+    (tmp_path / "valid.txt").write_text("a\n")
+    with pytest.raises(FileNotFoundError, match=r"test\.txt: no such file.*train\.txt, "
+                       r"valid\.txt, test\.txt \(or NAME\.train\.txt"):
+        data.load_words(tmp_path)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"other.*train\.txt: no such file"):
+        data.load_words(tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder.*train\.txt"):
+        data.load_words(tmp_path / "nowhere")
+    (tmp_path / "test.txt").write_text(" \n")
+    with pytest.raises(ValueError, match=r"test\.txt: no words"):
+        data.load_words(tmp_path)
+
+
+def test_words_perplexity_of_a_known_distribution(tmp_path):
+    """A language model whose softmax ignores its input (zero kernel, bias log p) predicts p
+    at every position; the reported perplexity is exp of the mean of -log p(target) over
+    every predicted token once: the B rows' tokens after the first, windows of any length."""
+    import jax
+    import jax.numpy as jnp
+    from conftest import tiny_lm_config
+    from flax import traverse_util
+
+    from bsrnn import input_pipeline, train
+
+    folder = write_corpus(tmp_path, "a b c d\na a b\n", "a b d c a\nb a a\nc c d a b a\n",
+                          "d\n")
+    config = tiny_lm_config(tmp_path / "unused.txt")
+    config.data.name, config.data.path = "words", str(folder)
+    config.batch_size, config.seq_len, config.eval_batch_size = 1, 3, 2
+    dataset = input_pipeline.load(config)
+    vocab = dataset.corpus.vocab
+    valid = dataset.corpus.valid  # 17 tokens: rows of 8, 7 targets each, windows 3, 3, 1
+    assert len(valid) == 17 and dataset.unit == "word"
+    assert len(vocab) == 6  # a, b, c, d, <eos>, <unk>
+    p = np.array([0.35, 0.25, 0.15, 0.12, 0.08, 0.05])
+    model = train.create_model(config, dataset)
+    variables = model.init(jax.random.key(0), valid[None, :3])
+    params = traverse_util.flatten_dict(variables["params"])
+    params[("output", "kernel")] = jnp.zeros_like(params[("output", "kernel")])
+    params[("output", "bias")] = jnp.log(jnp.asarray(p, jnp.float32))
+    masks = variables["masks"]
+    scores = train.evaluate(model, traverse_util.unflatten_dict(params), masks, dataset,
+                            config, "valid")
+    rows = valid[:16].reshape(2, 8)
+    targets = rows[:, 1:].ravel()
+    expected = math.exp(-np.mean(np.log(p[targets])))
+    assert scores["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert scores["loss"] == pytest.approx(-np.mean(np.log(p[targets])), rel=1e-5)
+
+
+def test_words_data_set_takes_max_vocab_from_the_config(tmp_path):
+    from conftest import tiny_lm_config
+
+    from bsrnn import input_pipeline
+
+    folder = write_corpus(tmp_path, "a a a b b c d\n", "d\n", "c\n")
+    config = tiny_lm_config(tmp_path / "unused.txt")
+    config.data = dict(name="words", path=str(folder), max_vocab=4)
+    dataset = input_pipeline.load(config)
+    # Kept: a (3), b (2); c and d become <unk> (2), ahead of b by string order.
+    assert dataset.corpus.vocab.tokens == ("a", "<unk>", "b", "<eos>")
+    assert dataset.corpus.test.tolist() == [1, 3]
+
+
 def test_ptb_chars_counts(data_dir):
     corpus = data.load_ptb_chars(data_dir / "ptb")
     raw = (data_dir / "ptb" / "ptb.char.train.txt").read_text()

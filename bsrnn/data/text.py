@@ -1,20 +1,26 @@
-"""Language-modelling corpora: Penn Treebank (word and character), plain text, Shakespeare.
+"""Language-modelling corpora: any word corpus (PTB among them), PTB characters, plain text,
+Shakespeare.
 
 Every loader returns a `TextCorpus`: one vocabulary built from the training split only, and
 each split as one contiguous stream of token ids, ready for `batching.lm_batches`.
 
-End of line. Word-level PTB adds the token `<eos>` at each newline (Mikolov's convention, and
+Word corpora (`load_words`): any folder of `train.txt`, `valid.txt`, `test.txt` (or
+`ptb.train.txt` style names), words split on whitespace, PTB's `<eos>` and `<unk>`; word-level
+PTB is this loader on Mikolov's files (`load_ptb_words`).
+
+End of line. Word corpora add the token `<eos>` at each newline (Mikolov's convention, and
 the counts in DATA.md). Character-level PTB does the same: each newline of `ptb.char.*.txt`
 becomes one `<eos>` symbol, so its vocabulary is the 49 characters plus `<eos>` (50), and
 bits per character are averaged over characters and line ends alike. Plain text and the
 Shakespeare plays keep newlines as the character "\\n".
 """
 
+import collections
 import dataclasses
 import importlib.resources
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
@@ -73,14 +79,6 @@ def _ptb_paths(data_dir: str | Path, pattern: str) -> list[Path]:
     ]
 
 
-def _ptb_word_tokens(text: str) -> list[str]:
-    tokens = []
-    for line in text.splitlines():
-        tokens.extend(line.split())
-        tokens.append(EOS)
-    return tokens
-
-
 def _encode_splits(
     splits: Sequence[Sequence[str]], sources: Sequence[object], unk: str | None
 ) -> TextCorpus:
@@ -95,19 +93,103 @@ def _encode_splits(
     return TextCorpus(vocab, *encoded)
 
 
-def load_ptb_words(data_dir: str | Path) -> TextCorpus:
-    """Word-level Penn Treebank from `data_dir/ptb.{train,valid,test}.txt` (Mikolov's format).
+SPLITS = ("train", "valid", "test")
 
-    Tokens are the whitespace-separated words of each line, then `<eos>` for the newline.
-    The vocabulary is the train words (10,000 with `<eos>`, `<unk>` among them); valid and test
-    words outside it map to `<unk>`.
+
+def word_split_paths(data_dir: str | Path, prefix: str | None = None) -> list[Path]:
+    """The train, valid and test files of a word corpus folder.
+
+    The names are ``train.txt``, ``valid.txt``, ``test.txt``, or ``<prefix>.train.txt`` etc.
+    (PTB's ``ptb.train.txt``). Without ``prefix`` the folder must hold exactly one such set:
+    ``train.txt`` or a single ``*.train.txt`` whose valid and test files exist too.
+
+    Raises:
+      FileNotFoundError: no such folder, or a split file missing, with the names expected.
+      ValueError: ``prefix`` is None and several sets of files qualify (they are listed).
     """
-    paths = _ptb_paths(data_dir, "ptb.{}.txt")
-    splits = [_ptb_word_tokens(_read_text(p)) for p in paths]
-    for path, tokens in zip(paths, splits, strict=True):
-        if len(tokens) == tokens.count(EOS):
-            raise ValueError(f"{path}: no words; expected Mikolov's PTB text, one sentence a line.")
-    return _encode_splits(splits, paths, unk=UNK)
+    data_dir = existing_dir(data_dir, "a folder with train.txt, valid.txt and test.txt")
+    if prefix is None:
+        prefixes = [""] if (data_dir / "train.txt").is_file() else []
+        prefixes += sorted(
+            p.name.removesuffix(".train.txt") + "." for p in data_dir.glob("?*.train.txt")
+            if all((data_dir / p.name.replace(".train.", f".{s}.")).is_file() for s in SPLITS)
+        )
+        if len(prefixes) > 1:
+            raise ValueError(
+                f"{data_dir}: several word corpora, "
+                f"{', '.join(p + 'train.txt' for p in prefixes)}; pick one with prefix= "
+                "(config.data.prefix, e.g. 'ptb' for ptb.train.txt)."
+            )
+        prefix = prefixes[0] if prefixes else ""
+    elif prefix:
+        prefix += "."
+    names = [f"{prefix}{split}.txt" for split in SPLITS]
+    for name in names:
+        if not (data_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{data_dir / name}: no such file; a word corpus folder holds {', '.join(names)}"
+                + ("" if prefix else " (or NAME.train.txt, NAME.valid.txt, NAME.test.txt)")
+                + ". Point config.data.path at such a folder."
+            )
+    return [data_dir / name for name in names]
+
+
+def _word_stream(text: str) -> Iterator[str]:
+    """The whitespace-separated words of each line of ``text``, then ``<eos>`` per line."""
+    for line in text.splitlines():
+        yield from line.split()
+        yield EOS
+
+
+def load_words(
+    data_dir: str | Path, *, prefix: str | None = None, max_vocab: int | None = None
+) -> TextCorpus:
+    """A word-level corpus in PTB's conventions from a folder of three text files.
+
+    Files: see :func:`word_split_paths` (``train.txt``, ``valid.txt``, ``test.txt``, or
+    ``ptb.train.txt`` style names). Tokens are the whitespace-separated words of each line,
+    then ``<eos>`` for the line end (Mikolov's convention). The vocabulary is the train
+    split's: ``<eos>`` and ``<unk>`` always, and every train word, or with ``max_vocab`` only
+    the ``max_vocab - 2`` most frequent other words (ties by string order); ``<unk>`` already
+    in the text (as in PTB) is the same token. Words outside the vocabulary, in any split,
+    map to ``<unk>``. Ids are by decreasing train count (:func:`bsrnn.data.build_vocabulary`).
+
+    Memory: the splits are encoded as they are read, so what is held is the text of one file
+    and the int32 ids, about 4 bytes a token.
+
+    Args:
+      data_dir: the folder.
+      prefix: the file-name prefix (``"ptb"``); None: found in the folder.
+      max_vocab: the vocabulary size V (at least 3) with ``<eos>`` and ``<unk>``; None: all.
+
+    Returns:
+      The corpus; each split is (N_split,) int32 with one ``<eos>`` per line.
+    """
+    if max_vocab is not None and max_vocab < 3:
+        raise ValueError(f"max_vocab={max_vocab}: the vocabulary needs <eos>, <unk> and at "
+                         "least one word; pass 3 or more, or None for every train word.")
+    paths = word_split_paths(data_dir, prefix)
+    texts = [_read_text(p) for p in paths]
+    for path, text in zip(paths, texts, strict=True):
+        if not text.strip():
+            raise ValueError(f"{path}: no words; expected text, one sentence a line.")
+    if max_vocab is None:
+        vocab = build_vocabulary(_word_stream(texts[0]), unk=UNK)
+    else:
+        counts = collections.Counter(_word_stream(texts[0]))
+        others = sorted((w for w in counts if w not in (EOS, UNK)), key=lambda w: (-counts[w], w))
+        kept = {EOS, UNK, *others[: max_vocab - 2]}
+        vocab = build_vocabulary((w if w in kept else UNK for w in _word_stream(texts[0])),
+                                 unk=UNK)
+    return TextCorpus(vocab, *(vocab.encode(_word_stream(t)) for t in texts))
+
+
+def load_ptb_words(
+    data_dir: str | Path, *, prefix: str = "ptb", max_vocab: int | None = None
+) -> TextCorpus:
+    """Word-level Penn Treebank, ``data_dir/ptb.{train,valid,test}.txt`` (Mikolov's format):
+    :func:`load_words` with prefix ``ptb``. Its vocabulary is 10,000 with ``<eos>``."""
+    return load_words(data_dir, prefix=prefix, max_vocab=max_vocab)
 
 
 def load_ptb_chars(data_dir: str | Path) -> TextCorpus:

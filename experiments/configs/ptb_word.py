@@ -14,9 +14,23 @@ Arg (key=value, comma-separated; a bare word is the cell): cell (gru, lstm), met
 (dense, structural, wp, bp, gl, glp), features, steps. The data is Mikolov's
 `ptb.{train,valid,test}.txt` in `$BSRNN_DATA/ptb` (default `../shared/data/ptb`); point
 elsewhere with --config.data.path=...
+
+Any other word corpus: a folder of `train.txt`, `valid.txt`, `test.txt` (or `NAME.train.txt`
+etc.), one sentence a line, read with PTB's conventions (`<eos>` at each line end, words
+outside the train vocabulary as `<unk>`; `bsrnn.data.load_words`). `max_vocab` caps the
+vocabulary to the most frequent words (optional; `prefix` picks `NAME` when a folder holds
+several corpora):
+
+  python launch.py --config=experiments/configs/ptb_word.py:lstm --workdir=/tmp/wt2 \
+      --config.data.name=words --config.data.path=/path/to/corpus --config.data.max_vocab=30000
+
+Perplexity is exp of the mean cross-entropy per predicted token over the split. Memory: a
+vocabulary of 37,858 words trained and evaluated in a peak of 2.1 GiB on CPU (batch 20 x 35,
+eval batch 10; the logits are B x T x V floats, 106 MB per train batch).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from bsrnn import configs
 
@@ -28,7 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.method = arg.method
 
-    config.data = ml_collections.ConfigDict(dict(name="ptb_words", path=configs.data_path("ptb")))
+    config.data = ml_collections.ConfigDict(dict(
+        name="ptb_words", path=configs.data_path("ptb"),
+        max_vocab=config_dict.placeholder(int), prefix=config_dict.placeholder(str),
+    ))
     config.model_name = "lm"
     config.model = ml_collections.ConfigDict(dict(
         cell=arg.cell, features=arg.features, num_layers=2, embed_dim=arg.features,

@@ -1,4 +1,5 @@
-"""Building blocks shared by the experiment configs in ``experiments/configs``.
+"""Building blocks of the configs (``experiments/configs``, and the default config shipped
+here, :mod:`bsrnn.configs.shakespeare_gru`).
 
 Every config has the same sections, so any pruning method can be picked in any config
 with ``--config.method=...`` and every hyper-parameter below can be overridden:
@@ -28,15 +29,26 @@ import ml_collections
 
 LAYER_TYPES = ("input", "recurrent", "fc")
 
-# `$BSRNN_DATA`, else the `shared/data` folder beside the repository (see SPEC §3).
-DATA_ROOT = os.environ.get(
-    "BSRNN_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+UNSET_DATA_ROOT = "$BSRNN_DATA"
+
+
+def data_root() -> str:
+    """The folder of the data sets: ``$BSRNN_DATA`` (``launch.py --data_root`` sets it); else,
+    in a source checkout, the ``shared/data`` folder beside the repository (SPEC §3); else
+    :data:`UNSET_DATA_ROOT`, the literal ``$BSRNN_DATA``, so that loading a data set from it
+    fails with an error that says to set it. Read when called, not at import."""
+    if os.environ.get("BSRNN_DATA"):
+        return os.environ["BSRNN_DATA"]
+    repo = Path(__file__).resolve().parents[2]
+    beside = repo.parent / "shared" / "data"
+    if (repo / "pyproject.toml").is_file() and beside.is_dir():
+        return str(beside)
+    return UNSET_DATA_ROOT
 
 
 def data_path(*parts: str) -> str:
-    """A path under :data:`DATA_ROOT`, e.g. ``data_path("ptb")``."""
-    return str(Path(DATA_ROOT, *parts))
+    """A path under :func:`data_root`, e.g. ``data_path("ptb")``."""
+    return str(Path(data_root(), *parts))
 
 
 def per_type(value: Any, **overrides: Any) -> ml_collections.ConfigDict:
