@@ -222,11 +222,13 @@ def create_optimizer(
     Args:
       config: a full experiment config (``method``, ``prune``, ``group_lasso``,
         ``structure``, ``optimizer``, ``num_steps``).
-      masks: the model's ``masks`` collection, which says which kernels are prunable.
+      masks: the model's ``masks`` collection, which says which kernels are prunable; the
+        chain holds it from ``init`` on (:func:`bsrnn.pruning.masks_from` reads it back).
+        ``None`` only to check a config (the chain then needs ``masks=`` to keep masks).
 
     Returns:
-      The transformation (``update`` takes ``params`` and ``masks=``) and the learning-rate
-      schedule (step -> float), for logging.
+      The transformation (``update`` takes ``params``, and optionally ``masks=``, checked)
+      and the learning-rate schedule (step -> float), for logging.
     """
     check_method(config)
     lr = learning_rate_schedule(config)
@@ -239,16 +241,16 @@ def create_optimizer(
         raise ValueError(f"config.prune.mode={p.mode!r}; choose one of {pruning.MODES}.")
 
     if method in ("dense", "structural"):
-        return optax.chain(optimizer, pruning.keep_masked()), lr
+        return optax.chain(optimizer, pruning.keep_masked(masks)), lr
     if method == "wp":
         return optax.chain(
             optimizer, pruning.weight_prune(_prune_schedules(config), mode=p.mode,
-                                            layer_type=layer_type)
+                                            layer_type=layer_type, masks=masks)
         ), lr
     strength = _by_type(gl.gl_strength if method == "gl" else gl.glp_strength)
     schedule = _prune_schedules(config)
     prune = pruning.block_prune(schedule, block_shape, reduction, mode=p.mode,
-                                layer_type=layer_type)
+                                layer_type=layer_type, masks=masks)
     if method == "bp":
         return optax.chain(optimizer, prune), lr
     if gl.proximal:
