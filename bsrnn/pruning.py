@@ -524,8 +524,10 @@ def block_prune(
                 new_eps[path] = jnp.where(due[path], eps, old_eps[path])
             return new_masks, new_eps
 
+        any_due = jnp.any(jnp.stack(list(due.values()))) if due else False
+        if update_masks is None and not isinstance(any_due, jax.core.Tracer):
+            update_masks = bool(any_due)  # called eagerly: decide here, errors raise here
         if update_masks is None:
-            any_due = jnp.any(jnp.stack(list(due.values()))) if due else False
             new_masks, new_eps = jax.lax.cond(any_due, recompute_due, lambda: (old_masks, old_eps))
         elif update_masks:
             new_masks, new_eps = recompute_due()
