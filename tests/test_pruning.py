@@ -266,6 +266,9 @@ def test_default_layer_type():
     assert lt(("head", "bias"), jnp.ones(3)) is None
     assert lt(("conv", "kernel"), w4) is None
     assert lt(("embed", "embedding"), w2) is None
+    # Integer keys (list indices, nnx.List) name no module.
+    assert lt(("layers", 0, "recurrent_z", "kernel"), w2) == "recurrent"
+    assert lt((3, "kernel"), w2) == "fc"
 
 
 def numpy_keep_lowest_out(scores, sparsity):
