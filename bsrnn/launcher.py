@@ -15,10 +15,10 @@ reports. With ``--vmap``, members that differ only in values (seeds, learning ra
 λ_g, target sparsities: :data:`bsrnn.vmap_sweep.SWEEPABLE`) train as one vmapped program
 on one device, each then evaluated and reported in its sub-workdir (no checkpoints:
 :mod:`bsrnn.vmap_sweep`); it is a flag, not automatic, because such a sweep keeps no
-checkpoints (an interrupted one starts its unfinished members again). Otherwise members run one after another in this
-process, or with ``--sweep_workers=N``
-in N processes at once, spread over the GPUs through ``CUDA_VISIBLE_DEVICES`` (workers
-that share a GPU allocate as they go; on CPUs they share the cores). Members whose
+checkpoints (an interrupted one starts its unfinished members again). Otherwise members run
+one after another in this process, or with ``--sweep_workers=N`` in N processes at once,
+spread over the GPUs through ``CUDA_VISIBLE_DEVICES`` (workers that share a GPU allocate as
+they go; on CPUs they share the cores). Members whose
 sub-workdir already holds a ``report.json`` are not run again, so a sweep resumes like a
 run.
 

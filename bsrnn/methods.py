@@ -303,11 +303,13 @@ def create_optimizer(
     Args:
       config: a full experiment config (``method``, ``prune``, ``group_lasso``,
         ``structure``, ``optimizer``, ``num_steps``).
-      masks: the model's ``masks`` collection, which says which kernels are prunable.
+      masks: the model's ``masks`` collection, which says which kernels are prunable; the
+        chain holds it from ``init`` on (:func:`bsrnn.pruning.masks_from` reads it back).
+        ``None`` only to check a config (the chain then needs ``masks=`` to keep masks).
 
     Returns:
-      The transformation (``update`` takes ``params`` and ``masks=``) and the learning-rate
-      schedule (step -> float), for logging.
+      The transformation (``update`` takes ``params``, and optionally ``masks=``, checked)
+      and the learning-rate schedule (step -> float), for logging.
     """
     check_method(config)
     lr = learning_rate_schedule(config)
@@ -320,7 +322,7 @@ def create_optimizer(
         raise ValueError(f"config.prune.mode={p.mode!r}; choose one of {pruning.MODES}.")
 
     if method in ("dense", "structural"):
-        return optax.chain(optimizer, pruning.keep_masked()), lr
+        return optax.chain(optimizer, pruning.keep_masked(masks)), lr
     strength = _by_type(gl.gl_strength if method == "gl" else gl.glp_strength)
     q = layer_q(config)
     schedule = None if q else _prune_schedules(config)
@@ -332,10 +334,11 @@ def create_optimizer(
                                             by_layer["strength"])
     if method == "wp":
         return optax.chain(
-            optimizer, pruning.weight_prune(schedule, mode=p.mode, layer_type=layer_type)
+            optimizer, pruning.weight_prune(schedule, mode=p.mode, layer_type=layer_type,
+                                            masks=masks)
         ), lr
     prune = pruning.block_prune(schedule, block_shape, reduction, mode=p.mode,
-                                layer_type=layer_type)
+                                layer_type=layer_type, masks=masks)
     if method == "bp":
         return optax.chain(optimizer, prune), lr
     if gl.proximal:

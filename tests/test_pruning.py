@@ -26,8 +26,9 @@ def test_weight_prune_mask_at_an_update_step():
     w = jnp.array([[0.05, -0.3, 0.12], [-0.08, 0.9, -0.11]])
     params = {"fc": {"kernel": w, "bias": jnp.ones(3)}}
     # Updates happen at itr = 5 only; ε there is θ·(5 − 4 + 1)/1 = 2θ = 0.1.
-    schedule = GradualThreshold(start_itr=4, ramp_itr=6, end_itr=6, start_slope=0.05,
-                                ramp_slope=0.05, freq=1)
+    schedule = GradualThreshold(
+        start_itr=4, ramp_itr=6, end_itr=6, start_slope=0.05, ramp_slope=0.05, freq=1
+    )
     tx = pruning.weight_prune(schedule)
     state, masks = tx.init(params), {"fc": {"kernel": jnp.ones((2, 3), bool)}}
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -41,8 +42,12 @@ def test_weight_prune_mask_at_an_update_step():
 
 def test_block_prune_p1_toy_through_the_transform():
     w = jnp.array(
-        [[0.1, -0.2, 0.9, 0.0], [0.3, 0.05, -0.1, 0.2], [-0.6, 0.1, 0.3, 0.4],
-         [0.0, 0.2, -0.45, 0.1]]
+        [
+            [0.1, -0.2, 0.9, 0.0],
+            [0.3, 0.05, -0.1, 0.2],
+            [-0.6, 0.1, 0.3, 0.4],
+            [0.0, 0.2, -0.45, 0.1],
+        ]
     )
     params = {"fc": {"kernel": w}}
     tx = pruning.block_prune(every_step(0.25), (2, 2), "max")  # ε(1) = 0.5
@@ -177,7 +182,7 @@ def numpy_penalty(w, block_shape, lam):
     total = 0.0
     for i in range(0, w.shape[0], bh):
         for j in range(0, w.shape[1], bw):
-            total += np.sqrt(np.sum(w[i:i + bh, j:j + bw] ** 2))
+            total += np.sqrt(np.sum(w[i : i + bh, j : j + bw] ** 2))
     return lam * total
 
 
@@ -239,8 +244,8 @@ def test_bad_inputs_raise_clear_errors():
         pruning.block_prune(0.5)
     tx = pruning.block_prune(every_step(0.1), (2, 2))
     state = tx.init(params)
-    with pytest.raises(ValueError, match="needs the current masks"):
-        tx.update(params, state, params)
+    with pytest.raises(ValueError, match="keep_masked needs the masks to keep"):
+        pruning.keep_masked().update(params, optax.EmptyState(), params)
     with pytest.raises(ValueError, match="no entry for the pruned kernels \\['fc/kernel'\\]"):
         tx.update(params, state, params, masks={"other": {"kernel": jnp.ones((8, 8), bool)}})
     with pytest.raises(ValueError, match="shape \\(4, 8\\) but the kernel has shape \\(8, 8\\)"):
@@ -261,6 +266,9 @@ def test_default_layer_type():
     assert lt(("head", "bias"), jnp.ones(3)) is None
     assert lt(("conv", "kernel"), w4) is None
     assert lt(("embed", "embedding"), w2) is None
+    # Integer keys (list indices, nnx.List) name no module.
+    assert lt(("layers", 0, "recurrent_z", "kernel"), w2) == "recurrent"
+    assert lt((3, "kernel"), w2) == "fc"
 
 
 def numpy_keep_lowest_out(scores, sparsity):
@@ -304,10 +312,14 @@ def test_host_decided_updates_give_bitwise_the_same_training(mode):
     @functools.partial(jax.jit, static_argnames="update_masks")
     def step(params, masks, opt_state, update_masks=None):
         grads = jax.grad(loss_fn)(params, masks)
-        updates, opt_state = tx.update(grads, opt_state, params, masks=masks,
-                                       update_masks=update_masks)
-        return optax.apply_updates(params, updates), pruning.updated_masks(opt_state, masks), \
-            opt_state
+        updates, opt_state = tx.update(
+            grads, opt_state, params, masks=masks, update_masks=update_masks
+        )
+        return (
+            optax.apply_updates(params, updates),
+            pruning.updated_masks(opt_state, masks),
+            opt_state,
+        )
 
     due = pruning.update_steps(schedule, np.arange(10))
     assert due.tolist() == [False, True, True, False, True, False, True, True, False, False]
@@ -330,8 +342,11 @@ def test_host_decided_updates_give_bitwise_the_same_training(mode):
 
 
 def test_only_the_device_decided_step_has_a_conditional():
-    params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 8))},
-              "c": {"kernel": jnp.ones((8, 4))}}
+    params = {
+        "a": {"kernel": jnp.ones((4, 4))},
+        "b": {"kernel": jnp.ones((4, 8))},
+        "c": {"kernel": jnp.ones((8, 4))},
+    }
     masks = ones_like_masks(params)
     tx = pruning.block_prune(mixed_schedules() | {"fc": every_step(0.1)}, (2, 2))
     state = tx.init(params)
