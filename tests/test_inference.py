@@ -312,3 +312,21 @@ def test_a_run_exports_its_model_and_the_command_line_uses_it(tiny_text, tmp_pat
             report["metrics"][split]["bpc"], abs=1e-5)
     with pytest.raises(SystemExit, match="is a language model"):
         cli.main(["transcribe", f"--model={path}", "x.mfc"])
+
+
+def test_a_layer_with_parts_inference_cannot_run_is_refused(tmp_path):
+    # input_norm=True adds a projection_norm to each recurrent layer; running the file
+    # without it would give wrong logits, so load names it instead.
+    kwargs = dict(num_classes=5, conv_features=(2,), conv_kernels=((3, 3),),
+                  conv_strides=((2, 2),), cell="gru", features=8, num_layers=1,
+                  bidirectional=False, row_conv_context=0, fc_features=8, input_norm=True)
+    model = ds2.Model(**kwargs)
+    features, lengths = jnp.zeros((2, 9, 5)), jnp.asarray([9, 4], jnp.int32)
+    variables = model.init(jax.random.key(0), features, lengths)
+    info = dict(name="ds2", kwargs=kwargs, data="test", step=0, metrics={},
+                vocab={"tokens": ["<blank>", " ", "A", "B", "C"], "unk": None},
+                features={"kind": "mfc", "num_mels": 5, "mean": [0.0] * 5, "std": [1.0] * 5})
+    path = _export(tmp_path, variables["params"],
+                   _random_block_masks(np.random.default_rng(0), variables["masks"]), info)
+    with pytest.raises(ValueError, match="projection_norm.*input_norm"):
+        inference.load(path)

@@ -612,3 +612,11 @@ def test_persistent_kernel_runs_weights_built_without_the_ell_layout():
                                        impl="persistent_interpret", max_programs=1)
     ref, ref_last = _cell_reference("gru", params, masks, x, h0)
     assert _rel_err(out, ref) < 1e-5 and _rel_err(last, ref_last) < 1e-5
+
+
+def test_weights_of_a_layer_with_input_norm_are_refused():
+    # The kernels compute no layer norm: building from such params must not drop it silently.
+    x = jnp.ones((2, 3, 4))
+    variables = RecurrentLayer("gru", 8, input_norm=True).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="projection_norm"):
+        kernels.sparse_gru_weights(variables["params"], variables["masks"], (4, 4))

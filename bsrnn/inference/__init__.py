@@ -222,6 +222,11 @@ def _recurrent(params: dict, cell: str, impl: str, dtype: Any, reverse: bool = F
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"a {cell} layer needs {names}; the file lacks {missing}")
+    unknown = sorted(set(params) - set(names))
+    if unknown:  # e.g. the input_norm option's projection_norm: running without it is wrong
+        raise ValueError(f"a {cell} layer of this file has parts bsrnn.inference cannot run "
+                         f"yet: {unknown} (a layer trained with input_norm=True?); evaluate "
+                         "that model from its workdir with bsrnn.train instead")
     dense = {n: dict(zip(("kernel", "mask"), _kernel_and_mask(params[n]["kernel"], dtype),
                          strict=True)) for n in names}
     layer_params = {n: {"kernel": dense[n]["kernel"], "bias": np.asarray(params[n]["bias"])}

@@ -213,6 +213,11 @@ def _layer_arrays(
             f"params/masks lack {e}: pass the RecurrentLayer's params and masks (keys "
             f"input_{names} and recurrent_{names}, each with 'kernel' and 'bias')"
         ) from None
+    unknown = sorted(set(params) - {f"{kind}_{g}" for kind in ("input", "recurrent")
+                                    for g in gates})
+    if unknown:  # e.g. input_norm's projection_norm, which the kernels do not compute
+        raise ValueError(f"params have parts the kernels cannot run: {unknown} (a layer "
+                         "built with input_norm=True?); run it as a RecurrentLayer")
     for g, k, m in zip(gates, arrays[0], arrays[4], strict=True):
         if m.shape != k.shape:
             raise ValueError(f"input_{g}: kernel {k.shape} and mask {m.shape} must match")
