@@ -24,7 +24,7 @@ Cell equations (PyTorch/cuDNN formulation; x_t the input, h the state):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -90,7 +90,9 @@ class MaskedDense(nn.Module):
                 f"{'/'.join(self.path)} has no mask: apply the model with both collections, "
                 "model.apply({'params': params, 'masks': masks}, ...)."
             )
-        self.mask = self.variable("masks", "kernel", self._initial_mask, shape)
+        self.mask = self.variable(
+            "masks", "kernel", initial_mask, self.mask_init, shape, "/".join(self.path)
+        )
         if tuple(self.mask.value.shape) != shape:
             raise ValueError(
                 f"the mask of {'/'.join(self.path)} has shape {tuple(self.mask.value.shape)} but "
@@ -98,30 +100,44 @@ class MaskedDense(nn.Module):
                 "these sizes."
             )
 
-    def _initial_mask(self, shape: tuple[int, int]) -> jax.Array:
-        if self.mask_init is None:
-            return jnp.ones(shape, bool)
-        mask = np.asarray(self.mask_init(shape))
-        if mask.shape != shape:
-            raise ValueError(
-                f"mask_init gave shape {mask.shape} for the {shape} kernel {'/'.join(self.path)}."
-            )
-        return jnp.asarray(mask, bool)
-
     def weights(self) -> tuple[jax.Array, jax.Array | None]:
         """The masked kernel (D, F) and the bias (F,) or ``None``, in ``dtype``."""
-        kernel = apply_mask(self.kernel, self.mask.value)
-        bias = self.bias
-        if self.dtype is not None:
-            kernel = kernel.astype(self.dtype)
-            bias = None if bias is None else bias.astype(self.dtype)
-        return kernel, bias
+        return masked_weights(self.kernel, self.mask.value, self.bias, self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., D) -> (..., F)."""
-        kernel, bias = self.weights()
-        y = jnp.dot(x.astype(kernel.dtype), kernel)
-        return y if bias is None else y + bias
+        return affine(x, *self.weights())
+
+
+def initial_mask(mask_init: MaskInit | None, shape: tuple[int, int], name: str) -> jax.Array:
+    """A kernel's mask at init: ``mask_init(shape)`` as bool, or all ones when ``None``.
+
+    ``name`` (the kernel's path) is for the error when ``mask_init`` returns another shape.
+    """
+    if mask_init is None:
+        return jnp.ones(shape, bool)
+    mask = np.asarray(mask_init(shape))
+    if mask.shape != shape:
+        raise ValueError(f"mask_init gave shape {mask.shape} for the {shape} kernel {name}.")
+    return jnp.asarray(mask, bool)
+
+
+def masked_weights(
+    kernel: jax.Array, mask: jax.Array, bias: jax.Array | None, dtype: Any = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """A masked dense layer's weights: ``kernel ⊙ mask`` (D, F) through :func:`apply_mask`
+    and ``bias`` (F,) or ``None``, cast to ``dtype`` unless it is ``None``."""
+    kernel = apply_mask(kernel, mask)
+    if dtype is not None:
+        kernel = kernel.astype(dtype)
+        bias = None if bias is None else bias.astype(dtype)
+    return kernel, bias
+
+
+def affine(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """x (..., D) @ kernel (D, F) (+ bias (F,)) -> (..., F), in the kernel's dtype."""
+    y = jnp.dot(x.astype(kernel.dtype), kernel)
+    return y if bias is None else y + bias
 
 
 def recurrent_product(h: jax.Array, w_h: jax.Array) -> jax.Array:
@@ -147,8 +163,13 @@ def rnn_activation(cell: str, pre: jax.Array) -> jax.Array:
 
 
 def gru_gates(
-    x_r: jax.Array, x_z: jax.Array, x_n: jax.Array,
-    h_r: jax.Array, h_z: jax.Array, h_n: jax.Array, h: jax.Array,
+    x_r: jax.Array,
+    x_z: jax.Array,
+    x_n: jax.Array,
+    h_r: jax.Array,
+    h_z: jax.Array,
+    h_n: jax.Array,
+    h: jax.Array,
 ) -> jax.Array:
     """The GRU update h' from the gates' input parts x_· = W_i· x + b_i· and recurrent
     parts h_· = W_h· h + b_h· (all (B, H)) and the old state h: r = σ(x_r + h_r),
@@ -282,76 +303,42 @@ class RecurrentLayer(nn.Module):
           outputs (B, T, H) and the final carry (the state after each sequence's last valid
           step).
         """
-        if self.cell not in GATES:
-            raise ValueError(f"unknown cell {self.cell!r}; choose one of {tuple(GATES)}.")
-        modules = self.recurrent_modules
-        if not isinstance(modules, int | np.integer) or modules < 1 or self.features % modules:
-            raise ValueError(
-                f"recurrent_modules={modules!r} must be a positive int that divides "
-                f"features={self.features} (P3's G equal modules of H/G units)."
-            )
-        batch, steps, in_features = x.shape
+        check_layer_config(self.cell, self.features, self.recurrent_modules)
         dense = dict(features=self.features, dtype=self.dtype)
+        recurrent_mask_init = recurrent_modules_mask_init(
+            self.recurrent_mask_init,
+            self.recurrent_modules,
+            f"{'/'.join(self.path) or 'RecurrentLayer'}: recurrent_mask_init's mask",
+        )
         inputs, recurrent_layers = [], []
         for gate in GATES[self.cell]:
-            inputs.append(MaskedDense(in_features, mask_init=self.input_mask_init,
-                                      name=f"input_{gate}", **dense).weights())
-            recurrent_layers.append(MaskedDense(self.features,
-                                                mask_init=self._recurrent_mask_init(),
-                                                kernel_init=nn.initializers.orthogonal(),
-                                                name=f"recurrent_{gate}", **dense))
-        recurrents = [layer.weights() for layer in recurrent_layers]
-        w_i = jnp.concatenate([k for k, _ in inputs], axis=1)
-        b_i = jnp.concatenate([b for _, b in inputs])
-        b_h = jnp.concatenate([b for _, b in recurrents])
-        frozen = self._frozen_recurrent_kernel(recurrent_layers)
-        if frozen is not None:
-            w_h = frozen
-        elif modules == 1:
-            w_h = jnp.concatenate([k for k, _ in recurrents], axis=1)
-        else:
-            w_h = self._block_diagonal_kernel(recurrent_layers, [k for k, _ in recurrents])
-            b_h = _to_modules(b_h[None], modules, len(recurrents))  # (G, 1, gates·H/G)
-
-        if self.reverse:
-            x = jnp.flip(x, axis=1) if lengths is None else reverse_sequences(x, lengths)
-        x_proj = jnp.dot(x.astype(w_i.dtype), w_i) + b_i  # (B, T, gates·H), one product
-        if self.input_norm:  # per gate: (B, T, gates, H), normalised over H
-            by_gate = x_proj.reshape(batch, steps, len(inputs), self.features)
-            x_proj = nn.LayerNorm(reduction_axes=-1, feature_axes=(-2, -1), dtype=self.dtype,
-                                  name="projection_norm")(by_gate).reshape(x_proj.shape)
-        x_proj = jnp.swapaxes(x_proj, 0, 1)  # (T, B, gates·H)
-
-        if initial_carry is None:
-            h0 = jnp.zeros((batch, self.features), w_h.dtype)
-            initial_carry = (h0, h0) if self.cell == "lstm" else h0
-        if modules > 1:  # per module: x_proj (T, G, B, gates·H/G), carry (G, B, H/G)
-            x_proj = _to_modules(x_proj, modules, len(recurrents))
-            initial_carry = jax.tree_util.tree_map(lambda c: _to_modules(c, modules),
-                                                   initial_carry)
-
-        def step(carry: Carry, inputs: tuple[jax.Array, jax.Array | None]):
-            x_t, valid_t = inputs
-            new_carry, out = cell_step(self.cell, carry, x_t, w_h, b_h)
-            if valid_t is None:  # no padding: skip the selects
-                return new_carry, out
-            keep = valid_t[:, None]  # (B, 1): broadcasts over (B, H) and (G, B, H/G)
-            new_carry = jax.tree_util.tree_map(
-                lambda new, old: jnp.where(keep, new, old), new_carry, carry
+            inputs.append(
+                MaskedDense(
+                    x.shape[-1], mask_init=self.input_mask_init, name=f"input_{gate}", **dense
+                ).weights()
             )
-            return new_carry, jnp.where(keep, out, 0)
-
-        valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths[None, :]
-        carry, outputs = jax.lax.scan(step, initial_carry, (x_proj, valid), unroll=self.unroll)
-        if modules > 1:
-            outputs = _from_modules(outputs)
-            carry = jax.tree_util.tree_map(_from_modules, carry)
-        outputs = jnp.swapaxes(outputs, 0, 1)
-        if self.reverse:
-            outputs = jnp.flip(outputs, 1) if lengths is None else reverse_sequences(
-                outputs, lengths
+            recurrent_layers.append(
+                MaskedDense(
+                    self.features,
+                    mask_init=recurrent_mask_init,
+                    kernel_init=nn.initializers.orthogonal(),
+                    name=f"recurrent_{gate}",
+                    **dense,
+                )
             )
-        return outputs, carry
+        weights = fused_weights(
+            inputs,
+            [layer.weights() for layer in recurrent_layers],
+            {"/".join(layer.path): layer.mask.value for layer in recurrent_layers},
+            self.recurrent_modules,
+            self._frozen_recurrent_kernel(recurrent_layers),
+        )
+        norm = None
+        if self.input_norm:
+            norm = nn.LayerNorm(
+                reduction_axes=-1, feature_axes=(-2, -1), dtype=self.dtype, name="projection_norm"
+            )
+        return run_layer(self, x, lengths, initial_carry, weights, norm)
 
     def _frozen_recurrent_kernel(self, layers: list[MaskedDense]) -> Any:
         """This layer's :class:`bsrnn.kernels.sparse_training.SparseRecurrentKernel` when
@@ -364,53 +351,177 @@ class RecurrentLayer(nn.Module):
         frozen = sparse_training.frozen_for(self.frozen_recurrent, self.path)
         if frozen is None:
             return None
-        if self.recurrent_modules > 1 or frozen.gates != GATES[self.cell] or (
-                frozen.hidden != self.features):
+        if (
+            self.recurrent_modules > 1
+            or frozen.gates != GATES[self.cell]
+            or (frozen.hidden != self.features)
+        ):
             raise ValueError(
                 f"{name}: frozen_recurrent's entry is for {frozen.gates} gates of "
                 f"{frozen.hidden} units, the layer has {GATES[self.cell]} of {self.features}"
                 f"{' and recurrent_modules > 1' if self.recurrent_modules > 1 else ''}; "
                 "freeze the masks of this model (with recurrent_modules=1)."
             )
-        kernels = [layer.kernel if self.dtype is None else layer.kernel.astype(self.dtype)
-                   for layer in layers]
+        kernels = [
+            layer.kernel if self.dtype is None else layer.kernel.astype(self.dtype)
+            for layer in layers
+        ]
         return sparse_training.recurrent_kernel(
-            frozen, kernels, [layer.mask.value for layer in layers], name)
+            frozen, kernels, [layer.mask.value for layer in layers], name
+        )
 
-    def _recurrent_mask_init(self) -> MaskInit | None:
-        """``recurrent_mask_init``, defaulting to (and, for G > 1, checked to be within)
-        ``block_diagonal(G)``."""
-        modules = self.recurrent_modules
-        if modules == 1:
-            return self.recurrent_mask_init
-        pattern = self.recurrent_mask_init or blocks.block_diagonal(modules)
-        name = f"{'/'.join(self.path) or 'RecurrentLayer'}: recurrent_mask_init's mask"
 
-        def init(shape: tuple[int, int]) -> np.ndarray:
-            mask = np.asarray(pattern(shape))
-            blocks.check_block_diagonal(mask, modules, name)
-            return mask
+def check_layer_config(cell: str, features: int, recurrent_modules: int) -> None:
+    """Raise ``ValueError`` unless ``cell`` is one of :data:`GATES` and ``recurrent_modules``
+    (P3's G) is a positive int that divides ``features`` (H)."""
+    if cell not in GATES:
+        raise ValueError(f"unknown cell {cell!r}; choose one of {tuple(GATES)}.")
+    modules = recurrent_modules
+    if not isinstance(modules, int | np.integer) or modules < 1 or features % modules:
+        raise ValueError(
+            f"recurrent_modules={modules!r} must be a positive int that divides "
+            f"features={features} (P3's G equal modules of H/G units)."
+        )
 
-        return init
 
-    def _block_diagonal_kernel(
-        self, layers: list[MaskedDense], kernels: list[jax.Array]
-    ) -> jax.Array:
-        """The masked gate kernels (H, H) as per-module blocks (G, H/G, gates·H/G), after
-        checking that their masks keep nothing off the diagonal blocks (see the class
-        docstring): concrete masks raise, traced ones turn the kernel to NaN."""
-        modules = self.recurrent_modules
-        off_diagonal = []
-        for layer in layers:
-            mask = layer.mask.value
-            if isinstance(mask, jax.core.Tracer):
-                off_diagonal.append(blocks.off_diagonal_count(mask, modules))
-            else:
-                blocks.check_block_diagonal(mask, modules, f"the mask of {'/'.join(layer.path)}")
-        w_h = jnp.concatenate([blocks.diagonal_blocks(k, modules) for k in kernels], axis=-1)
-        if off_diagonal:
-            w_h = jnp.where(sum(off_diagonal) > 0, jnp.nan, w_h)
-        return w_h
+def recurrent_modules_mask_init(
+    pattern: MaskInit | None, recurrent_modules: int, name: str
+) -> MaskInit | None:
+    """A layer's recurrent mask init: ``pattern`` when G = ``recurrent_modules`` is 1, else
+    ``pattern`` (default :func:`bsrnn.blocks.block_diagonal` (G)) checked to keep nothing off
+    the G diagonal blocks; ``name`` is for that check's error."""
+    modules = recurrent_modules
+    if modules == 1:
+        return pattern
+    pattern = pattern or blocks.block_diagonal(modules)
+
+    def init(shape: tuple[int, int]) -> np.ndarray:
+        mask = np.asarray(pattern(shape))
+        blocks.check_block_diagonal(mask, modules, name)
+        return mask
+
+    return init
+
+
+def fused_weights(
+    inputs: list[tuple[jax.Array, jax.Array]],
+    recurrents: list[tuple[jax.Array, jax.Array]],
+    recurrent_masks: Mapping[str, jax.Array],
+    recurrent_modules: int = 1,
+    frozen: Any = None,
+) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
+    """The gates' masked weights side by side, as :func:`run_layer` takes them.
+
+    Args:
+      inputs: per gate (in ``GATES`` order) the masked input kernel (D, H) and bias (H,).
+      recurrents: the same for the recurrent kernels (H, H).
+      recurrent_masks: the recurrent kernels' masks (H, H) by kernel name, checked (G > 1)
+        to keep nothing off the diagonal blocks (see :class:`RecurrentLayer`).
+      recurrent_modules: P3's G.
+      frozen: a frozen layer's block-sparse recurrent kernel, which replaces w_h, or ``None``.
+
+    Returns:
+      w_i (D, gates·H), b_i (gates·H,), and w_h (H, gates·H) with b_h (gates·H,), or, for
+      G > 1, per module w_h (G, H/G, gates·H/G) with b_h (G, 1, gates·H/G).
+    """
+    modules = recurrent_modules
+    w_i = jnp.concatenate([k for k, _ in inputs], axis=1)
+    b_i = jnp.concatenate([b for _, b in inputs])
+    b_h = jnp.concatenate([b for _, b in recurrents])
+    kernels = [k for k, _ in recurrents]
+    if frozen is not None:
+        return w_i, b_i, frozen, b_h
+    if modules == 1:
+        return w_i, b_i, jnp.concatenate(kernels, axis=1), b_h
+    w_h = _block_diagonal_kernel(kernels, recurrent_masks, modules)
+    return w_i, b_i, w_h, _to_modules(b_h[None], modules, len(recurrents))
+
+
+class LayerConfig(Protocol):
+    """What :func:`run_layer` reads of a layer: the attributes of :class:`RecurrentLayer`."""
+
+    cell: str
+    features: int
+    reverse: bool
+    recurrent_modules: int
+    unroll: int
+
+
+def run_layer(
+    layer: LayerConfig,
+    x: jax.Array,
+    lengths: jax.Array | None,
+    initial_carry: Carry | None,
+    weights: tuple[jax.Array, jax.Array, Any, jax.Array],
+    input_norm: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, Carry]:
+    """One recurrent layer's pass over a padded batch, given its :func:`fused_weights`.
+
+    The one implementation behind :class:`RecurrentLayer` and :class:`bsrnn.nnx.RecurrentLayer`
+    (``layer``, whose cell, H, direction, P3's G and unroll factor it reads): the input
+    projection of all steps in one product, then ``jax.lax.scan`` over :func:`cell_step`.
+    ``input_norm``: applied to the input projection per gate, (B, T, gates, H) -> same
+    (:class:`RecurrentLayer`'s ``input_norm``), or ``None``. The other arguments and the
+    results as in :meth:`RecurrentLayer.__call__`.
+    """
+    cell, features, reverse, unroll = layer.cell, layer.features, layer.reverse, layer.unroll
+    modules = layer.recurrent_modules
+    batch, steps, _ = x.shape
+    w_i, b_i, w_h, b_h = weights
+    gates = len(GATES[cell])
+    if reverse:
+        x = jnp.flip(x, axis=1) if lengths is None else reverse_sequences(x, lengths)
+    x_proj = jnp.dot(x.astype(w_i.dtype), w_i) + b_i  # (B, T, gates·H), one product
+    if input_norm is not None:  # per gate: (B, T, gates, H), normalised over H
+        by_gate = x_proj.reshape(batch, steps, gates, features)
+        x_proj = input_norm(by_gate).reshape(x_proj.shape)
+    x_proj = jnp.swapaxes(x_proj, 0, 1)  # (T, B, gates·H)
+
+    if initial_carry is None:
+        h0 = jnp.zeros((batch, features), w_h.dtype)
+        initial_carry = (h0, h0) if cell == "lstm" else h0
+    if modules > 1:  # per module: x_proj (T, G, B, gates·H/G), carry (G, B, H/G)
+        x_proj = _to_modules(x_proj, modules, gates)
+        initial_carry = jax.tree_util.tree_map(lambda c: _to_modules(c, modules), initial_carry)
+
+    def step(carry: Carry, inputs: tuple[jax.Array, jax.Array | None]):
+        x_t, valid_t = inputs
+        new_carry, out = cell_step(cell, carry, x_t, w_h, b_h)
+        if valid_t is None:  # no padding: skip the selects
+            return new_carry, out
+        keep = valid_t[:, None]  # (B, 1): broadcasts over (B, H) and (G, B, H/G)
+        new_carry = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(keep, new, old), new_carry, carry
+        )
+        return new_carry, jnp.where(keep, out, 0)
+
+    valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths[None, :]
+    carry, outputs = jax.lax.scan(step, initial_carry, (x_proj, valid), unroll=unroll)
+    if modules > 1:
+        outputs = _from_modules(outputs)
+        carry = jax.tree_util.tree_map(_from_modules, carry)
+    outputs = jnp.swapaxes(outputs, 0, 1)
+    if reverse:
+        outputs = jnp.flip(outputs, 1) if lengths is None else reverse_sequences(outputs, lengths)
+    return outputs, carry
+
+
+def _block_diagonal_kernel(
+    kernels: list[jax.Array], masks: Mapping[str, jax.Array], modules: int
+) -> jax.Array:
+    """The masked gate kernels (H, H) as per-module blocks (G, H/G, gates·H/G), after
+    checking that their masks (by kernel name) keep nothing off the diagonal blocks (see
+    :class:`RecurrentLayer`): concrete masks raise, traced ones turn the kernel to NaN."""
+    off_diagonal = []
+    for name, mask in masks.items():
+        if isinstance(mask, jax.core.Tracer):
+            off_diagonal.append(blocks.off_diagonal_count(mask, modules))
+        else:
+            blocks.check_block_diagonal(mask, modules, f"the mask of {name}")
+    w_h = jnp.concatenate([blocks.diagonal_blocks(k, modules) for k in kernels], axis=-1)
+    if off_diagonal:
+        w_h = jnp.where(sum(off_diagonal) > 0, jnp.nan, w_h)
+    return w_h
 
 
 def _to_modules(a: jax.Array, modules: int, gates: int = 1) -> jax.Array:
@@ -467,11 +578,41 @@ class RNN(nn.Module):
             dtype=self.dtype,
             input_norm=self.input_norm,
         )
-        for i in range(self.num_layers):
-            if self.bidirectional:
-                fwd, _ = RecurrentLayer(name=f"layer_{i}_fwd", **common)(x, lengths)
-                bwd, _ = RecurrentLayer(reverse=True, name=f"layer_{i}_bwd", **common)(x, lengths)
-                x = jnp.concatenate([fwd, bwd], axis=-1)
-            else:
-                x, _ = RecurrentLayer(name=f"layer_{i}", **common)(x, lengths)
-        return x
+        return run_stack(
+            lambda name, reverse: RecurrentLayer(name=name, reverse=reverse, **common),
+            self.num_layers,
+            self.bidirectional,
+            x,
+            lengths,
+        )
+
+
+def stack_layers(num_layers: int, bidirectional: bool) -> list[tuple[tuple[str, bool], ...]]:
+    """The layers of an :class:`RNN` stack: per depth i, the (name, reverse) of its layers,
+    ``(("layer_i", False),)``, or ``(("layer_i_fwd", False), ("layer_i_bwd", True))``."""
+    if bidirectional:
+        return [((f"layer_{i}_fwd", False), (f"layer_{i}_bwd", True)) for i in range(num_layers)]
+    return [((f"layer_{i}", False),) for i in range(num_layers)]
+
+
+def run_stack(
+    layer: Callable[[str, bool], Callable[..., tuple[jax.Array, Carry]]],
+    num_layers: int,
+    bidirectional: bool,
+    x: jax.Array,
+    lengths: jax.Array | None,
+) -> jax.Array:
+    """Run the :func:`stack_layers` in order, each depth's outputs concatenated.
+
+    Args:
+      layer: ``(name, reverse) -> the layer of that name`` (a :class:`RecurrentLayer`).
+      num_layers, bidirectional: as in :class:`RNN`.
+      x: inputs (B, T, D); lengths: (B,) or ``None``.
+
+    Returns:
+      (B, T, H), or (B, T, 2H) if bidirectional.
+    """
+    for depth in stack_layers(num_layers, bidirectional):
+        outputs = [layer(name, reverse)(x, lengths)[0] for name, reverse in depth]
+        x = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
+    return x
