@@ -6,6 +6,7 @@ Where things are:
 * :mod:`bsrnn.schedules`: P2's threshold schedule and the cubic target-sparsity schedule.
 * :mod:`bsrnn.pruning`: optax transforms (weight/block pruning, group lasso) and the masks.
 * :mod:`bsrnn.cells`: masked RNN/GRU/LSTM cells and the scan-based recurrent layers.
+* :mod:`bsrnn.nnx`: the same layers for Flax NNX, each mask its own ``nnx.Variable``.
 * :mod:`bsrnn.data`: text (Shakespeare, PTB, any text file) and speech (AN4, FSDD) loaders.
 * :mod:`bsrnn.export`: a trained masked model as block-sparse (BSC) matrices, ``.npz`` files.
 * :mod:`bsrnn.kernels`: block-sparse products and GRU/LSTM/RNN sequences, ``impl="auto"``.
@@ -35,8 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "blocks", "cells", "configs", "ctc", "data", "export", "inference", "input_pipeline",
-    "kernels", "launcher", "methods", "models", "pruning", "report", "schedules", "sharding",
-    "train", "vmap_sweep", "workdir",
+    "kernels", "launcher", "methods", "models", "nnx", "pruning", "report", "schedules",
+    "sharding", "train", "vmap_sweep", "workdir",
 ]
 
 
