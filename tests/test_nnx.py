@@ -5,12 +5,14 @@ of Linen variables to and from the NNX model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from bsrnn import cells
+from bsrnn import cells, pruning
 from bsrnn import nnx as bnnx
 from bsrnn.blocks import block_diagonal
+from bsrnn.schedules import CubicSparsity
 from tests.test_cells import ones, zero_pruned
 
 B, T, D, H = 3, 6, 5, 4
@@ -206,3 +208,39 @@ def test_bad_inputs():
         bnnx.RNN("gruu", D, H, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="recurrent_modules=3"):
         bnnx.RecurrentLayer("gru", D, H, recurrent_modules=3, rngs=nnx.Rngs(0))
+
+
+def test_nnx_optimizer_block_prunes_to_the_target():
+    """nnx.Optimizer with block_prune: the masks it holds go into the model's Mask variables
+    each step; at the end every kernel has floor(s_f · blocks) whole 2x2 blocks pruned, and
+    its pruned weights are exactly zero (hard mode)."""
+    in_features, features, steps, final = 4, 8, 8, 0.5  # 2x2 blocks tile every kernel
+    model = bnnx.RNN("gru", in_features, features, rngs=nnx.Rngs(16))
+    schedule = CubicSparsity(final, begin_step=2, end_step=6, freq=2)
+    tx = optax.chain(
+        optax.adam(1e-2),
+        pruning.block_prune(schedule, (2, 2), masks=bnnx.linen_variables(model)["masks"]),
+    )
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x, y = normal(17, (B, T, in_features)), normal(18, (B, T, features))
+    lengths = jnp.array([T, 3, 5])
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x, lengths) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        bnnx.load_linen_variables(model, {"masks": pruning.masks_from(optimizer.opt_state)})
+        return loss
+
+    losses = [float(train_step(model, optimizer)) for _ in range(steps)]
+    assert losses[-1] < losses[0]
+    variables = bnnx.linen_variables(model)
+    flat_params = dict(jax.tree_util.tree_flatten_with_path(variables["params"])[0])
+    for path, mask in jax.tree_util.tree_flatten_with_path(variables["masks"])[0]:
+        rows, cols = mask.shape
+        tiles = np.asarray(mask).reshape(rows // 2, 2, cols // 2, 2)
+        kept_blocks = tiles.all(axis=(1, 3))
+        np.testing.assert_array_equal(tiles.any(axis=(1, 3)), kept_blocks)  # whole blocks
+        assert (~kept_blocks).sum() == int(np.floor(final * kept_blocks.size)), path
+        kernel = np.asarray(flat_params[path])
+        assert np.all(kernel[~np.asarray(mask)] == 0.0) and np.all(kernel[mask] != 0.0)
