@@ -7,19 +7,21 @@ Where things are:
 * :mod:`bsrnn.pruning`: optax transforms (weight/block pruning, group lasso) and the masks.
 * :mod:`bsrnn.cells`: masked RNN/GRU/LSTM cells and the scan-based recurrent layers.
 * :mod:`bsrnn.nnx`: the same layers for Flax NNX, each mask its own ``nnx.Variable``.
-* :mod:`bsrnn.data`: text (Shakespeare, PTB, any text file) and speech (AN4, FSDD) loaders.
+* :mod:`bsrnn.data`: text (Shakespeare, PTB, any text file) and speech (AN4, FSDD) loaders;
+  ``config.data`` -> a corpus and its resumable batches (``bsrnn.data.load``).
 * :mod:`bsrnn.export`: a trained masked model as block-sparse (BSC) matrices, ``.npz`` files.
 * :mod:`bsrnn.kernels`: block-sparse products and GRU/LSTM/RNN sequences, ``impl="auto"``.
 * :mod:`bsrnn.inference`: an exported model run from its file on the kernels; its CLI.
-* :mod:`bsrnn.models`: the language model and the Deep Speech 2 style acoustic model.
+* :mod:`bsrnn.models`: the language model and the Deep Speech 2 style acoustic model, each
+  with what the trainer asks of it (inputs, carry, loss, evaluation: ``models.Task``).
 * :mod:`bsrnn.ctc`: greedy CTC decoding, CER and WER.
-* :mod:`bsrnn.methods`: ``config.method`` (dense, structural, WP, BP, GL, GLP) as an optax chain.
-* :mod:`bsrnn.input_pipeline`: ``config.data`` -> corpus and resumable batches.
+* :mod:`bsrnn.methods`: ``config.method`` (dense, structural, WP, BP, GL, GLP) as an optax chain
+  with the optimizer: ``create_optimizer``.
 * :mod:`bsrnn.train`: the trainer, ``train_and_evaluate(config, workdir)``.
 * :mod:`bsrnn.workdir`: the run folder: paths, lock, resume checks, checkpoint checksums.
 * :mod:`bsrnn.sharding`: the data-parallel mesh and its shardings; multi-host start-up.
 * :mod:`bsrnn.vmap_sweep`: sweep members that differ only in values, vmapped in one program.
-* :mod:`bsrnn.report`: metric logs, sparsity and parameter counts, the report tables.
+* :mod:`bsrnn.report`: metric logs, sparsity and parameter counts, ``report.json`` and its tables.
 * :mod:`bsrnn.configs`: building blocks of configs, and the default config it ships
   (``bsrnn/configs/shakespeare_gru.py``).
 * :mod:`bsrnn.launcher`: what ``python -m bsrnn`` and ``launch.py`` run: flags, single runs
@@ -35,9 +37,9 @@ from types import ModuleType
 __version__ = "0.1.0"
 
 __all__ = [
-    "blocks", "cells", "configs", "ctc", "data", "export", "inference", "input_pipeline",
-    "kernels", "launcher", "methods", "models", "nnx", "pruning", "report", "schedules",
-    "sharding", "train", "vmap_sweep", "workdir",
+    "blocks", "cells", "configs", "ctc", "data", "export", "inference", "kernels", "launcher",
+    "methods", "models", "nnx", "pruning", "report", "schedules", "sharding", "train",
+    "vmap_sweep", "workdir",
 ]
 
 

@@ -330,8 +330,7 @@ def export_block_shapes(config: Any, masks: Mapping) -> dict[str, tuple[int, int
     """
     from bsrnn import methods, pruning  # the trainer's modules; export itself needs neither
 
-    pruning_methods = ("wp", "bp", "gl", "glp")
-    pruned = tuple(config.prune.layer_types) if config.method in pruning_methods else ()
+    pruned = tuple(config.prune.layer_types) if methods.prunes(config) else ()
     modules = methods.recurrent_modules(config)
     shapes = {}
     for path, mask in _flatten(masks).items():
@@ -340,8 +339,7 @@ def export_block_shapes(config: Any, masks: Mapping) -> dict[str, tuple[int, int
             continue
         kind = pruning.default_layer_type(tuple(path.split("/")), mask)
         if kind in pruned:
-            shapes[path] = (1, 1) if config.method == "wp" else tuple(
-                int(b) for b in config.prune.block_shape[kind])
+            shapes[path] = tuple(int(b) for b in methods.block_shape(config, kind))
         elif kind == "recurrent" and modules > 1:
             shapes[path] = (mask.shape[0] // modules, mask.shape[1] // modules)
     return shapes
@@ -353,26 +351,26 @@ def model_info(config: Any, dataset: Any, *, step: int,
 
     Args:
       config: the run's config.
-      dataset: its `bsrnn.input_pipeline.Data` (the vocabulary comes from it; a speech
+      dataset: its `bsrnn.data.Data` (the vocabulary comes from it; a speech
         corpus's normalisation is recomputed from its training files).
       step: the training step of the weights.
       metrics: the run's final metrics, recorded for reference.
     """
-    from bsrnn import data, input_pipeline, methods
+    from bsrnn import data, methods, models
 
     name = config.model_name
-    size = {"lm": "vocab_size", "ds2": "num_classes"}[name]
+    size = models.model_module(name).NUM_CLASSES_FIELD
     kwargs = json.loads(config.model.to_json_best_effort())
     kwargs.update({size: int(dataset.num_classes),
                    "recurrent_modules": methods.recurrent_modules(config)})
     info: dict[str, Any] = {"name": name, "kwargs": kwargs, "data": config.data.name,
                             "step": int(step), "metrics": dict(metrics or {})}
-    if isinstance(dataset, input_pipeline.TextData):
+    if isinstance(dataset, data.TextData):
         vocab = dataset.corpus.vocab
         info["unit"] = dataset.unit
     else:
         vocab = dataset.vocab
-        raw = input_pipeline.SPEECH_LOADERS[config.data.name](config.data.path)
+        raw = data.SPEECH_LOADERS[config.data.name](config.data.path)
         stats = data.feature_stats([u.features for u in raw.train])
         width = int(stats.mean.shape[0])
         kind = "mfc" if config.data.name == "an4" else "log_mel"
@@ -446,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ml_collections
 
-    from bsrnn import input_pipeline
+    from bsrnn import data
 
     parser = argparse.ArgumentParser(prog="python -m bsrnn.export", description=(
         "Export the newest checkpoint of a run to one self-contained .npz file that "
@@ -472,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = run_report["metrics"] if run_report.get("steps") == step else {}
     out = pathlib.Path(args.out) if args.out else workdir / "model.npz"
     dtype = None if args.dtype == "float32" else args.dtype
-    sizes = export_run(out, config, params, masks, input_pipeline.load(config), step=step,
+    sizes = export_run(out, config, params, masks, data.load(config), step=step,
                        metrics=metrics, dtype=dtype)
     print(f"wrote {out}: step {step}, {os.path.getsize(out):,} bytes; the dense fp32 weights "
           f"take {sizes.dense_fp32_bytes:,} ({sizes.dense_fp32_bytes / os.path.getsize(out):.1f}x "

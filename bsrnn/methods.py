@@ -46,9 +46,28 @@ from bsrnn import pruning, report, schedules
 from bsrnn.configs import LAYER_TYPES
 
 METHODS = ("dense", "structural", "wp", "bp", "gl", "glp")
+PRUNING_METHODS = ("wp", "bp", "gl", "glp")  # the methods that compute masks as they train
 SCHEDULES = ("cubic", "gradual")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def prunes(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config.method`` computes masks (wp, bp, gl, glp), rather than keeping the
+    model's initial ones (dense, structural)."""
+    return config.method in PRUNING_METHODS
+
+
+def prunes_blocks(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config.method`` prunes whole blocks, scored by ``prune.reduction`` (bp, gl,
+    glp), rather than single weights (wp) or nothing."""
+    return prunes(config) and config.method != "wp"
+
+
+def block_shape(config: ml_collections.ConfigDict, kind: str) -> tuple[int, int]:
+    """The blocks ``config.method`` prunes ``kind`` kernels by: (1, 1) for ``wp`` (single
+    weights), else ``config.prune.block_shape[kind]``."""
+    return (1, 1) if config.method == "wp" else tuple(config.prune.block_shape[kind])
 
 
 def prunable_layer_type(
@@ -119,10 +138,9 @@ def _gradual(config: ml_collections.ConfigDict, kind: str, q: Any, where: str
     threshold = schedules.GradualThreshold.from_quantile(
         q, steps["begin"], steps["ramp"], steps["end"], p.freq, p.ramp_ratio
     )
-    block_shape = (1, 1) if config.method == "wp" else tuple(p.block_shape[kind])
     # Reports written before block_exponent existed have P1's 1/4.
     exponent = p.get("block_exponent", schedules.BLOCK_EXPONENT)
-    return threshold.scaled_for_block(block_shape, exponent)
+    return threshold.scaled_for_block(block_shape(config, kind), exponent)
 
 
 def pruning_schedules(config: ml_collections.ConfigDict) -> dict[str, schedules.Schedule]:
@@ -232,7 +250,7 @@ def mask_update_steps(config: ml_collections.ConfigDict) -> np.ndarray:
     """
     check_method(config)
     steps = np.arange(config.num_steps)
-    if config.method in ("dense", "structural"):
+    if not prunes(config):
         return np.zeros(steps.shape, bool)
     if layer_q(config):  # q per layer: a gradual schedule's update steps do not depend on q
         return pruning.update_steps(

@@ -5,6 +5,7 @@
 * :func:`layer_sparsity`, :func:`param_counts`, :func:`weight_percentiles`: numbers of the
   prunable kernels, computed from the params and the ``masks`` collection.
 * :func:`save_masks`, :func:`load_masks`: the final masks as a small ``masks.npz``.
+* :func:`build_report`: the content of a run's ``report.json``.
 * :func:`format_report`, :func:`format_sweep`: the readable tables printed at the end of a
   run and of a sweep (:func:`format_export`: the exported model's size, speed and samples).
 
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from bsrnn import pruning
+from bsrnn import methods, pruning
 
 _GATE = re.compile(r"^(input|recurrent)_[a-z]+$")
 
@@ -180,6 +181,54 @@ def load_masks(path: str | Path) -> dict[str, np.ndarray]:
             .astype(bool).reshape(data[name + ":shape"])
             for name in data.files if not name.endswith(":shape")
         }
+
+
+def build_report(
+    config: Any, workdir: str | Path, state: Any, metrics: Mapping[str, Mapping[str, float]],
+    wall_time: float, events: Any = None,
+) -> dict[str, Any]:
+    """The content of ``report.json`` for a run of ``config`` that ended in ``state``.
+
+    Args:
+      config: the run's config.
+      workdir: the run's folder.
+      state: its final :class:`bsrnn.train.TrainState` (``step``, ``params``, ``masks``).
+      metrics: the final metrics, by split (``train``, ``valid``, ``test``).
+      wall_time: seconds the run took, resumed parts included.
+      events: the run's :class:`bsrnn.workdir.Events`, which give ``config_changes``,
+        ``skipped_checkpoints`` and ``warnings``; ``None``: none.
+
+    Returns:
+      ``workdir``, ``model``, ``data``, ``method``, the pruned ``block_shape`` and
+      ``reduction`` by layer type (empty for dense and structural), ``recurrent_modules``,
+      ``steps``, ``metrics``, ``sparsity`` (:func:`layer_sparsity`), ``params``
+      (:func:`param_counts`), ``weight_percentile_90`` (:func:`weight_percentiles`),
+      ``wall_time_s``, the ``config`` and the events above.
+    """
+    params, masks = jax.device_get((state.params, state.masks))
+    layer_type = methods.prunable_layer_type(masks, config.prune.layer_types)
+    kinds = config.prune.layer_types if methods.prunes(config) else ()
+    return {
+        "workdir": str(workdir),
+        "model": f"{config.model_name} ({config.model.cell})",
+        "data": config.data.name,
+        "method": config.method,
+        "block_shape": {k: methods.block_shape(config, k) for k in kinds},
+        "reduction": {
+            k: config.prune.reduction[k] for k in kinds if methods.prunes_blocks(config)
+        },
+        "recurrent_modules": methods.recurrent_modules(config),
+        "steps": int(state.step),
+        "metrics": metrics,
+        "sparsity": layer_sparsity(params, masks, layer_type),
+        "params": param_counts(params, masks),
+        "weight_percentile_90": weight_percentiles(params, masks, layer_type),
+        "wall_time_s": wall_time,
+        "config": json.loads(config.to_json_best_effort()),
+        "config_changes": events.of_kind("config_change") if events else [],
+        "skipped_checkpoints": events.of_kind("skipped_checkpoint") if events else [],
+        "warnings": events.of_kind("warning") if events else [],
+    }
 
 
 def _number(value: Any) -> str:

@@ -2,28 +2,32 @@
 
 One run, from a config (see ``experiments/configs``) into a working directory:
 
-* **Data** from :mod:`bsrnn.input_pipeline`, the **model** picked by ``config.model_name``
-  from :mod:`bsrnn.models`, the **optimizer chain** of ``config.method`` from
-  :mod:`bsrnn.methods`.
+* **Data** from :func:`bsrnn.data.load` (a ``TextData`` or ``SpeechData``, whose
+  ``train_batches`` and ``eval_batches`` give the batches), the **model** picked by
+  ``config.model_name`` from :mod:`bsrnn.models`, the **optimizer chain** of
+  ``config.method`` from :func:`bsrnn.methods.create_optimizer` (each method is defined
+  there).
+* **What differs between models** is asked of the model's module, its
+  :class:`bsrnn.models.Task`: the inputs of a batch, the carry, the training loss and the
+  evaluation. Language models carry the recurrent state of each of the B rows from one
+  window to the next (truncated BPTT) and minimise the mean cross-entropy per token in
+  nats (:mod:`bsrnn.models.lm`); speech models minimise ``optax.ctc_loss``, averaged over
+  the utterances of the batch (:mod:`bsrnn.models.ds2`).
 * **Train step** (jitted), the contract of :mod:`bsrnn.pruning`::
 
       loss, grads = value_and_grad(loss_fn)(params)           # forward pass sees w ⊙ mask
       updates, opt_state = tx.update(grads, opt_state, params, masks=masks)
       params = optax.apply_updates(params, updates)
       masks = pruning.updated_masks(opt_state, masks)
-
-  Language models carry the recurrent state of each of the B rows from one window to
-  the next (truncated BPTT); the loss is the mean cross-entropy per token in nats. Speech
-  models use ``optax.ctc_loss``, averaged over the utterances of the batch.
 * **Devices**: data parallel over the ``data`` axis of a mesh of ``config.mesh.data``
   devices (:mod:`bsrnn.sharding`): batches and the LM carry are split by rows, params,
   masks and optimizer state replicated; the step is one ``jax.jit`` with these shardings.
   The losses match a one-device run up to float summation order. In a multi-process run
   (``launch.py --num_processes=...``) every process runs this function; only process 0
   writes ``metrics.jsonl``, TensorBoard files, ``config.json`` and ``report.json``.
-* **Evaluation** every ``eval_every`` steps on the first eval split and at the end on all:
-  loss and bits per character (character LMs), perplexity (word LMs), or CER and WER of
-  greedy CTC transcripts (speech).
+* **Evaluation** every ``eval_every`` steps on the first eval split and at the end on all,
+  by the model's ``Task.evaluate``: loss and bits per character (character LMs),
+  perplexity (word LMs), or CER and WER of greedy CTC transcripts (speech).
 * **Sparse training** (``config.prune.sparse_training``, off by default): once the pruning
   schedule has ended the masks are frozen, and the steps after it run every recurrent layer
   on its kept blocks only (:mod:`bsrnn.kernels.sparse_training`; same params, masks and
@@ -47,8 +51,9 @@ One run, from a config (see ``experiments/configs``) into a working directory:
   event of the step it takes effect at. The workdir is locked while a run uses it.
 * **Logs**: ``<workdir>/metrics.jsonl``, TensorBoard files in ``<workdir>/tensorboard``,
   per-layer sparsity every ``log_every`` steps, a progress bar with rate and ETA.
-* **Report**: ``<workdir>/report.json`` (final metrics, sparsity overall and per layer,
-  total and nonzero parameters, method, blocks, wall time, config), printed as a table, and
+* **Report**: ``<workdir>/report.json`` (:func:`bsrnn.report.build_report`: final metrics,
+  sparsity overall and per layer, total and nonzero parameters, method, blocks, wall time,
+  config), printed as a table, and
   ``<workdir>/masks.npz``, the final masks (:func:`bsrnn.report.load_masks` reads them).
 * **Export**: ``<workdir>/model.npz``, the model block-sparse (:mod:`bsrnn.export`), run
   from the file (:mod:`bsrnn.inference`): a few samples or transcripts, and its speed against
@@ -85,7 +90,7 @@ from flax import struct, traverse_util
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from bsrnn import blocks, ctc, data, input_pipeline, methods, models, pruning, report, sharding
+from bsrnn import blocks, data, methods, models, pruning, report, sharding
 from bsrnn import workdir as workdir_lib
 from bsrnn.kernels import sparse_training
 
@@ -106,7 +111,8 @@ class TrainState:
       params: the model's params.
       masks: the ``masks`` collection (bool, one per prunable kernel).
       opt_state: the chain's state (optimizer moments, pruning counts, masks, thresholds).
-      carry: language models: the recurrent carry of the B training rows; speech: ().
+      carry: the model's state between batches (``Task.initial_carry``): language
+        models: the recurrent carry of the B training rows; speech: ().
       rng: uint32 key data; step t uses ``fold_in(rng, t)`` for dropout.
     """
 
@@ -118,41 +124,39 @@ class TrainState:
     rng: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict, dataset: input_pipeline.Data) -> Any:
+def create_model(config: ml_collections.ConfigDict, dataset: data.Data) -> Any:
     """``bsrnn.models.<config.model_name>.Model(num_classes, **config.model)``, with P3's
     ``recurrent_modules`` from :func:`bsrnn.methods.recurrent_modules`."""
     module = models.model_module(config.model_name)
-    size = {"lm": "vocab_size", "ds2": "num_classes"}[config.model_name]
-    task = {"lm": "lm", "ds2": "ctc"}[config.model_name]
-    if task != dataset.task:
+    if module.TASK != dataset.task:
         raise ValueError(
-            f"config.model_name={config.model_name!r} models {task} data, but "
+            f"config.model_name={config.model_name!r} models {module.TASK} data, but "
             f"config.data.name={config.data.name!r} is {dataset.task} data."
         )
     kwargs = dict(config.model)
     try:
         return module.Model(
-            **{size: dataset.num_classes}, recurrent_modules=methods.recurrent_modules(config),
-            **kwargs,
+            **{module.NUM_CLASSES_FIELD: dataset.num_classes},
+            recurrent_modules=methods.recurrent_modules(config), **kwargs,
         )
     except TypeError as e:
         raise ValueError(f"config.model does not fit bsrnn.models.{config.model_name}: {e}") from e
 
 
-def _model_inputs(batch: dict[str, Any], task: str) -> tuple[Any, ...]:
-    return (batch["inputs"],) if task == "lm" else (batch["inputs"], batch["lengths"])
-
-
 def initial_state(
-    config: ml_collections.ConfigDict, model: Any, task: str, batch: dict[str, Any]
+    config: ml_collections.ConfigDict, model: Any, task: models.Task, batch: dict[str, Any]
 ) -> tuple[TrainState, optax.GradientTransformationExtraArgs, optax.Schedule]:
-    """Fresh params and masks (from ``config.seed``), the chain of ``config.method``."""
+    """Fresh params and masks (from ``config.seed``), the chain of ``config.method``.
+
+    ``task``: the model's module (``models.model_module(config.model_name)``); ``batch``:
+    a training batch, for shapes (:func:`bsrnn.data.example_batch`).
+    """
     rng = jax.random.key(config.seed)
     init_rng, rng = jax.random.split(rng)
-    variables = model.init(init_rng, *_model_inputs(batch, task))
+    variables = model.init(init_rng, *task.inputs(batch))
     params, masks = variables["params"], variables["masks"]
     tx, lr = methods.create_optimizer(config, masks)
-    carry = model.initial_carry(config.batch_size) if task == "lm" else ()
+    carry = task.initial_carry(model, config.batch_size)
     state = TrainState(
         step=jnp.zeros([], jnp.int32), params=params, masks=masks,
         opt_state=tx.init(params), carry=carry, rng=jax.random.key_data(rng),
@@ -160,37 +164,20 @@ def initial_state(
     return state, tx, lr
 
 
-def _lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Cross-entropy in nats per token, (B, T, V), (B, T) -> (B, T)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-
-
-def _ctc_loss(logits: jax.Array, lengths: jax.Array, batch: dict[str, Any]) -> jax.Array:
-    """Per-utterance CTC loss (B,), blank 0."""
-    paddings = (jnp.arange(logits.shape[1])[None, :] >= lengths[:, None]).astype(jnp.float32)
-    return optax.ctc_loss(logits, paddings, batch["labels"], batch["label_paddings"])
-
-
 def train_step(
-    state: TrainState, batch: dict[str, Any], *, model: Any, tx: Any, task: str,
+    state: TrainState, batch: dict[str, Any], *, model: Any, tx: Any, task: models.Task,
     update_masks: bool | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update; see the module docstring. Returns the new state and the
-    step's ``loss`` and ``grad_norm``. ``update_masks`` (static): whether the pruning
-    transformation recomputes masks at this step, from :func:`bsrnn.methods.mask_update_steps`
-    (then the program has no conditional), or ``None``: it decides on the device."""
+    step's ``loss`` (``task.train_loss``) and ``grad_norm``. ``update_masks`` (static):
+    whether the pruning transformation recomputes masks at this step, from
+    :func:`bsrnn.methods.mask_update_steps` (then the program has no conditional), or
+    ``None``: it decides on the device."""
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
         variables = {"params": params, "masks": state.masks}
-        rngs = {"dropout": dropout_rng}
-        if task == "lm":
-            logits, carry = model.apply(variables, batch["inputs"], state.carry, train=True,
-                                        rngs=rngs)
-            return _lm_loss(logits, batch["targets"]).mean(), carry
-        logits, lengths = model.apply(variables, batch["inputs"], batch["lengths"], train=True,
-                                      rngs=rngs)
-        return _ctc_loss(logits, lengths, batch).mean(), state.carry
+        return task.train_loss(model, variables, batch, state.carry, {"dropout": dropout_rng})
 
     (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks,
@@ -203,27 +190,12 @@ def train_step(
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _lm_eval_step(params, masks, carry, batch, model):
-    logits, carry = model.apply({"params": params, "masks": masks}, batch["inputs"], carry)
-    return _lm_loss(logits, batch["targets"]).sum(), carry
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _ctc_eval_step(params, masks, batch, model):
-    logits, lengths = model.apply({"params": params, "masks": masks}, batch["inputs"],
-                                  batch["lengths"])
-    real = batch["lengths"] > 0
-    loss = jnp.where(real, _ctc_loss(logits, lengths, batch), 0.0).sum()
-    labels, label_lengths = ctc.greedy_decode(logits, lengths)
-    return loss, real.sum(), labels, label_lengths
-
-
 def evaluate(
-    model: Any, params: Any, masks: Any, dataset: input_pipeline.Data,
+    model: Any, params: Any, masks: Any, dataset: data.Data,
     config: ml_collections.ConfigDict, split: str, mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, float]:
-    """Metrics of the model on one pass over ``split``.
+    """Metrics of the model on one pass over ``split``, by the ``evaluate`` of the model's
+    module (:mod:`bsrnn.models.lm`, :mod:`bsrnn.models.ds2`).
 
     Language models: ``loss`` (mean nats per token, the carry passed from window to
     window as in training), and ``bpc`` or ``perplexity``. Speech: ``loss`` (mean CTC loss
@@ -231,34 +203,14 @@ def evaluate(
     With a ``mesh``, batches and the carry are split by rows over its ``data`` axis
     (``params`` and ``masks`` replicated on it); without, everything runs on one device.
     """
-    batches = _progress(input_pipeline.eval_batches(dataset, config, split), f"eval {split}")
+    batches = _progress(dataset.eval_batches(config, split), f"eval {split}")
 
     def place(tree: Any) -> Any:
         return tree if mesh is None else sharding.put_batch(tree, mesh)
 
-    if isinstance(dataset, input_pipeline.TextData):
-        total, count = 0.0, 0
-        carry = place(model.initial_carry(config.eval_batch_size))
-        for batch in batches:
-            loss, carry = _lm_eval_step(params, masks, carry, place(batch), model)
-            total += float(loss)
-            count += batch["targets"].size
-        mean = total / count
-        name, value = (
-            ("bpc", data.bits_per_character(mean)) if dataset.unit == "char"
-            else ("perplexity", data.perplexity(mean))
-        )
-        return {"loss": mean, name: value}
-    total, count, references, hypotheses = 0.0, 0, [], []
-    for batch in batches:
-        loss, n, labels, lengths = _ctc_eval_step(params, masks, place(batch), model)
-        total, count = total + float(loss), count + int(n)
-        labels, lengths = sharding.to_host(labels), sharding.to_host(lengths)
-        for b in range(int(n)):
-            references.append("".join(dataset.vocab.decode(
-                batch["labels"][b, : batch["label_lengths"][b]])))
-            hypotheses.append("".join(dataset.vocab.decode(labels[b, : int(lengths[b])])))
-    return {"loss": total / count, **ctc.error_rates(references, hypotheses)}
+    task = models.model_module(config.model_name)
+    return task.evaluate(model, {"params": params, "masks": masks}, batches, dataset,
+                         config.eval_batch_size, place)
 
 
 def _progress(iterable: Any, desc: str, **kwargs: Any) -> Any:
@@ -498,8 +450,7 @@ def _sparse_training_start(config: ml_collections.ConfigDict) -> int | None:
     ``config.prune.sparse_training`` is on, else ``None``."""
     if not config.prune.get("sparse_training", False):
         return None
-    if config.method not in ("wp", "bp", "gl", "glp") or "recurrent" not in (
-            config.prune.layer_types):
+    if not methods.prunes(config) or "recurrent" not in config.prune.layer_types:
         raise ValueError(
             "config.prune.sparse_training needs a pruning method (wp, bp, gl, glp) that prunes "
             f"recurrent kernels; got method {config.method!r}, layer types "
@@ -510,43 +461,6 @@ def _sparse_training_start(config: ml_collections.ConfigDict) -> int | None:
 
 def _sparsity_scalars(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {f"sparsity/{name}": entry["sparsity"] for name, entry in layers.items()}
-
-
-def build_report(
-    config: ml_collections.ConfigDict, workdir: Path, state: TrainState,
-    metrics: dict[str, dict[str, float]], wall_time: float,
-    events: workdir_lib.Events | None = None,
-) -> dict[str, Any]:
-    """The content of ``report.json`` (see the module docstring); ``events`` gives its
-    ``config_changes``, ``skipped_checkpoints`` and ``warnings``."""
-    params, masks = jax.device_get((state.params, state.masks))
-    layer_type = methods.prunable_layer_type(masks, config.prune.layer_types)
-    pruned = config.method in ("wp", "bp", "gl", "glp")
-    return {
-        "workdir": str(workdir),
-        "model": f"{config.model_name} ({config.model.cell})",
-        "data": config.data.name,
-        "method": config.method,
-        "block_shape": (
-            {k: (1, 1) for k in config.prune.layer_types} if config.method == "wp"
-            else {k: tuple(config.prune.block_shape[k]) for k in config.prune.layer_types}
-        ) if pruned else {},
-        "reduction": (
-            {k: config.prune.reduction[k] for k in config.prune.layer_types}
-            if pruned and config.method != "wp" else {}
-        ),
-        "recurrent_modules": methods.recurrent_modules(config),
-        "steps": int(state.step),
-        "metrics": metrics,
-        "sparsity": report.layer_sparsity(params, masks, layer_type),
-        "params": report.param_counts(params, masks),
-        "weight_percentile_90": report.weight_percentiles(params, masks, layer_type),
-        "wall_time_s": wall_time,
-        "config": json.loads(config.to_json_best_effort()),
-        "config_changes": events.of_kind("config_change") if events else [],
-        "skipped_checkpoints": events.of_kind("skipped_checkpoint") if events else [],
-        "warnings": events.of_kind("warning") if events else [],
-    }
 
 
 def train_and_evaluate(
@@ -590,11 +504,11 @@ def _train_and_evaluate(
 ) -> TrainState:
     manager = _checkpoint_manager(workdir, config)
     changes = _resume_changes(config, workdir, manager, allow_changes)
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     model = create_model(config, dataset)
-    task = dataset.task
+    task = models.model_module(config.model_name)
     state, tx, learning_rate = initial_state(
-        config, model, task, input_pipeline.example_batch(dataset, config)
+        config, model, task, data.example_batch(dataset, config)
     )
     shardings = sharding.state_shardings(state, mesh)
     state = sharding.put(state, shardings)
@@ -651,14 +565,13 @@ def _train_and_evaluate(
     step_fns = jitted_steps(model)
     masks_due = methods.mask_update_steps(config)
     sparse_from = _sparse_training_start(config)
-    batches: Iterator = input_pipeline.train_batches(dataset, config, position)
+    batches: Iterator = dataset.train_batches(config, position)
     sums, count, window_start = None, 0, time.time()
     bar = _progress(range(start, config.num_steps), "train", initial=start,
                     total=config.num_steps)
     for step in bar:
         if sparse_from is not None and step == max(sparse_from, start):
-            block_shape = (1, 1) if config.method == "wp" else config.prune.block_shape.recurrent
-            frozen = sparse_training.freeze(state.masks, tuple(block_shape))
+            frozen = sparse_training.freeze(state.masks, methods.block_shape(config, "recurrent"))
             logging.info("Masks frozen: steps from %d run the recurrences on their kept blocks.",
                          step)
             step_fns = jitted_steps(model.clone(frozen_recurrent=frozen))
@@ -718,8 +631,8 @@ def _train_and_evaluate(
         watch.evaluated(int(state.step), split, final[split]["loss"], final=True)
     writer.close()
     if primary:
-        result = build_report(config, workdir, state, final,
-                              previous_time + time.time() - started, events)
+        result = report.build_report(config, workdir, state, final,
+                                     previous_time + time.time() - started, events)
         report.save_masks(workdir / "masks.npz", jax.device_get(state.masks))
         (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")
         result["export"] = export_model(config, workdir, state, dataset, model, final)
@@ -732,16 +645,13 @@ def _train_and_evaluate(
 
 def export_model(
     config: ml_collections.ConfigDict, workdir: Path, state: TrainState,
-    dataset: input_pipeline.Data, model: Any, metrics: dict[str, dict[str, float]],
+    dataset: data.Data, model: Any, metrics: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
     """Writes ``<workdir>/model.npz`` (:func:`bsrnn.export.export_run`), runs the exported
-    model and times it against the masked dense model, side by side in this process.
-
-    Language models sample a few lines at temperature 0.8 and time sampling at batch 1
-    (:func:`bsrnn.inference.speed.compare_sampling`); speech models transcribe test
-    utterances and time one batch of ``eval_batch_size`` of them. A config with
-    ``export_timing=False`` skips the samples and the timing (their compilations take a few
-    seconds; the tests' tiny runs need neither).
+    model and times it against the masked dense model, side by side in this process
+    (:func:`bsrnn.inference.speed.compare_run`: samples or transcripts, and their speed). A
+    config with ``export_timing=False`` skips the samples and the timing (their
+    compilations take a few seconds; the tests' tiny runs need neither).
 
     Returns:
       ``report.json``'s ``export`` entry: the file, its bytes against the dense fp32
@@ -755,26 +665,14 @@ def export_model(
     sizes = export.export_run(path, config, params, masks, dataset, step=int(state.step),
                               metrics=metrics)
     exported = inference.load(path)
-    variables = {"params": params, "masks": masks}
     entry = {"file": str(path), "file_bytes": path.stat().st_size,
              "stored_bytes": sizes.stored_bytes, "dense_fp32_bytes": sizes.dense_fp32_bytes,
              "dtype": "float32", "backend": jax.default_backend()}
     if not config.get("export_timing", True):
         return entry
-    if isinstance(exported, inference.LanguageModel):
-        timed = "sampling 600 tokens at batch 1"
-        measured = speed.compare_sampling(exported, model, variables, length=600)
-        text = exported.sample(600, temperature=0.8, seed=config.seed)
-        samples = text.strip("\n").split("\n")[:4]
-    else:
-        test = dataset.corpus.test[: config.eval_batch_size]
-        samples = [f"{u.transcript} -> {t}" for u, t in zip(
-            test[:3], exported.transcribe_features([u.features for u in test[:3]]), strict=True)]
-        timed = f"transcribing a batch of {len(test)} test utterances"
-        measured = speed.compare_transcription(exported, model, variables,
-                                               [u.features for u in test])
-    return {**entry, "timed": timed, "inference": measured,
-            "inference_speedup": measured["speedup"], "samples": samples}
+    run = speed.compare_run(exported, model, {"params": params, "masks": masks}, dataset, config)
+    return {**entry, "timed": run["timed"], "inference": run["inference"],
+            "inference_speedup": run["inference"]["speedup"], "samples": run["samples"]}
 
 
 class _NoWriter:
@@ -859,7 +757,7 @@ def _check_prunable(config: ml_collections.ConfigDict, params: Any,
                     layer_type: pruning.LayerTypeFn) -> None:
     """A pruning method must find kernels of every type it prunes: refuse a method that
     would prune nothing, warn about a layer type that has no kernel."""
-    if config.method not in ("wp", "bp", "gl", "glp"):
+    if not methods.prunes(config):
         return
     found = {kind for path, leaf in traverse_util.flatten_dict(params).items()
              if (kind := layer_type(path, leaf))}
@@ -875,11 +773,11 @@ def _check_prunable(config: ml_collections.ConfigDict, params: Any,
                         "its schedule prunes nothing.", kind, kind)
 
 
-def _check_eval_batches(dataset: input_pipeline.Data, config: ml_collections.ConfigDict) -> None:
+def _check_eval_batches(dataset: data.Data, config: ml_collections.ConfigDict) -> None:
     """Every evaluation split makes at least one batch (before training, not after it)."""
     for split in dataset.eval_splits:
         try:
-            next(input_pipeline.eval_batches(dataset, config, split))
+            next(dataset.eval_batches(config, split))
         except ValueError as e:
             raise ValueError(
                 f"config.eval_batch_size={config.eval_batch_size}: the {split} split is too "

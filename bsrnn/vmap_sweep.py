@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from bsrnn import input_pipeline, methods, report, train
+from bsrnn import data, methods, models, report, train
 
 SWEEPABLE = (
     "seed",
@@ -103,8 +103,8 @@ def member_config(
 
 
 def initial_states(
-    config: ml_collections.ConfigDict, values: dict[str, Any], model: Any, task: str,
-    batch: dict[str, Any],
+    config: ml_collections.ConfigDict, values: dict[str, Any], model: Any,
+    task: models.Task, batch: dict[str, Any],
 ) -> train.TrainState:
     """The members' fresh states, every leaf with a leading member axis of size M."""
 
@@ -114,7 +114,7 @@ def initial_states(
     return jax.jit(jax.vmap(init))(values)  # one program: op by op, vmap's init is slow
 
 
-def make_step(config: ml_collections.ConfigDict, model: Any, task: str) -> Any:
+def make_step(config: ml_collections.ConfigDict, model: Any, task: models.Task) -> Any:
     """The jitted sweep step ``(values, states, batch) -> (states, metrics)``: one
     ``train.train_step`` per member, the batch (B, ...) shared; metrics are (M,) arrays."""
 
@@ -132,18 +132,18 @@ def member(states: train.TrainState, index: int) -> train.TrainState:
 
 def _train(
     configs: list[ml_collections.ConfigDict],
-) -> tuple[train.TrainState, dict[str, np.ndarray], input_pipeline.Data, Any]:
+) -> tuple[train.TrainState, dict[str, np.ndarray], data.Data, Any]:
     """Train the members; the states, the step metrics ``{name: (num_steps, M)}``, the data
     and the model."""
     values = stack_values(configs)
     config = configs[0]
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     model = train.create_model(config, dataset)
-    task = dataset.task
-    example = input_pipeline.example_batch(dataset, config)
+    task = models.model_module(config.model_name)
+    example = data.example_batch(dataset, config)
     states = initial_states(config, values, model, task, example)
     step = make_step(config, model, task)
-    batches = input_pipeline.train_batches(dataset, config, None)
+    batches = dataset.train_batches(config)
     values = jax.tree_util.tree_map(jnp.asarray, values)
     history = []
     for _ in range(config.num_steps):
@@ -224,7 +224,7 @@ def train_and_report(
                                           split)
             writer.write(config.num_steps, split, final[split])
         writer.close()
-        result = train.build_report(config, workdir, state, final, wall_time)
+        result = report.build_report(config, workdir, state, final, wall_time)
         report.save_masks(workdir / "masks.npz", jax.device_get(state.masks))
         result["export"] = train.export_model(config, workdir, state, dataset, model, final)
         (workdir / "report.json").write_text(json.dumps(result, indent=2) + "\n")

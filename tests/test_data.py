@@ -136,14 +136,14 @@ def test_words_perplexity_of_a_known_distribution(tmp_path):
     from conftest import tiny_lm_config
     from flax import traverse_util
 
-    from bsrnn import input_pipeline, train
+    from bsrnn import train
 
     folder = write_corpus(tmp_path, "a b c d\na a b\n", "a b d c a\nb a a\nc c d a b a\n",
                           "d\n")
     config = tiny_lm_config(tmp_path / "unused.txt")
     config.data.name, config.data.path = "words", str(folder)
     config.batch_size, config.seq_len, config.eval_batch_size = 1, 3, 2
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     vocab = dataset.corpus.vocab
     valid = dataset.corpus.valid  # 17 tokens: rows of 8, 7 targets each, windows 3, 3, 1
     assert len(valid) == 17 and dataset.unit == "word"
@@ -167,12 +167,10 @@ def test_words_perplexity_of_a_known_distribution(tmp_path):
 def test_words_data_set_takes_max_vocab_from_the_config(tmp_path):
     from conftest import tiny_lm_config
 
-    from bsrnn import input_pipeline
-
     folder = write_corpus(tmp_path, "a a a b b c d\n", "d\n", "c\n")
     config = tiny_lm_config(tmp_path / "unused.txt")
     config.data = dict(name="words", path=str(folder), max_vocab=4)
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     # Kept: a (3), b (2); c and d become <unk> (2), ahead of b by string order.
     assert dataset.corpus.vocab.tokens == ("a", "<unk>", "b", "<eos>")
     assert dataset.corpus.test.tolist() == [1, 3]

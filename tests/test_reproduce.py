@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from bsrnn import input_pipeline, launcher, train
+from bsrnn import data, launcher, models, train
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -69,11 +69,12 @@ def test_every_grid_run_builds_its_model_and_optimizer():
     for run in distinct_runs():
         config = grid_config(run)
         key = (config.data.name, config.data.path)
-        data = datasets[key] = datasets.get(key) or input_pipeline.load(config)
-        model = train.create_model(config, data)
-        batch = input_pipeline.example_batch(data, config)
+        dataset = datasets[key] = datasets.get(key) or data.load(config)
+        model = train.create_model(config, dataset)
+        batch = data.example_batch(dataset, config)
+        task = models.model_module(config.model_name)
         try:
-            jax.eval_shape(lambda c=config, m=model, b=batch, t=data.task:
+            jax.eval_shape(lambda c=config, m=model, t=task, b=batch:
                            train.initial_state(c, m, t, b)[0])
         except ValueError as e:
             failures[f"{run.study}/{run.name}"] = str(e)

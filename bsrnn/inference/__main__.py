@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.device:
         jax.config.update("jax_platforms", args.device)
-    from bsrnn import inference, input_pipeline, train  # after the platform is chosen
+    from bsrnn import data, inference, train  # after the platform is chosen
 
     try:
         model = inference.load(args.model, impl=args.impl, dtype=args.dtype)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{path}\t{text}")
         else:
             config = _config(args.config, args.data_path)
-            dataset = input_pipeline.load(config)
+            dataset = data.load(config)
             recorded = model.info.get("metrics", {})
             for split in dataset.eval_splits:
                 metrics = train.evaluate(model, model.weights, None, dataset, config, split)

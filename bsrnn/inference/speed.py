@@ -9,6 +9,7 @@ and what `experiments/bench/end_to_end.py` measures.
 * `compare_scoring`: one forward pass over a (B, T) batch, tokens per second.
 * `compare_transcription`: DS2 forward and greedy CTC decoding of a padded batch, utterances
   per second and the real-time factor (seconds of compute per second of audio).
+* `compare_run`: what a run reports of its exported model (`bsrnn.train.export_model`).
 """
 
 from __future__ import annotations
@@ -141,3 +142,31 @@ def compare_transcription(
     audio = float(np.sum([len(f) for f in features])) / frames_per_second
     out.update({f"{side}_real_time_factor": s / audio for side, s in seconds.items()})
     return out
+
+
+def compare_run(
+    exported: LanguageModel | SpeechModel, model: Any, variables: Mapping, dataset: Any,
+    config: Any,
+) -> dict[str, Any]:
+    """What a training run reports of its exported model, timed against the Flax `model`.
+
+    Language models sample 600 tokens at temperature 0.8 (seed `config.seed`; the first 4
+    lines are kept) and time sampling at batch 1 (`compare_sampling`); speech models
+    transcribe 3 test utterances of `dataset` and time one batch of `config.eval_batch_size`
+    of them (`compare_transcription`).
+
+    Returns:
+      `timed` (what was timed, in words), `inference` (the comparison's numbers) and
+      `samples` (lines of text, or "transcript -> transcription").
+    """
+    if isinstance(exported, LanguageModel):
+        measured = compare_sampling(exported, model, variables, length=600)
+        text = exported.sample(600, temperature=0.8, seed=config.seed)
+        return {"timed": "sampling 600 tokens at batch 1", "inference": measured,
+                "samples": text.strip("\n").split("\n")[:4]}
+    test = dataset.corpus.test[: config.eval_batch_size]
+    samples = [f"{u.transcript} -> {t}" for u, t in zip(
+        test[:3], exported.transcribe_features([u.features for u in test[:3]]), strict=True)]
+    measured = compare_transcription(exported, model, variables, [u.features for u in test])
+    return {"timed": f"transcribing a batch of {len(test)} test utterances",
+            "inference": measured, "samples": samples}

@@ -20,18 +20,29 @@ Parameter tree::
 Padding is exact: every layer zeroes the frames past each example's length, and the
 convolutions pad (kt − 1) // 2 frames before and kt // 2 after, so frame t of a padded
 batch equals frame t of the example run alone. A stride s maps n frames to ceil(n / s).
+
+The trainer's questions (:class:`bsrnn.models.Task`): it reads ``ctc`` data
+(:class:`bsrnn.data.SpeechData`); its inputs are the features and their lengths; its loss
+is ``optax.ctc_loss`` per utterance (blank 0), the mean over the batch in training; it has
+no carry; evaluation reports the mean loss per utterance and the CER and WER of the greedy
+transcripts (:mod:`bsrnn.ctc`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
-from bsrnn import cells, models
+from bsrnn import cells, ctc, data, models, sharding
+
+TASK = "ctc"  # reads bsrnn.data.SpeechData
+NUM_CLASSES_FIELD = "num_classes"
 
 
 def clipped_relu(x: jax.Array) -> jax.Array:
@@ -182,3 +193,61 @@ class Model(nn.Module):
         else:
             logits = nn.Dense(self.num_classes, name="output")(x)
         return _zero_padding(logits.astype(jnp.float32), lengths), lengths
+
+
+def inputs(batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """The model's inputs: features (B, T, F) and lengths (B,)."""
+    return batch["inputs"], batch["lengths"]
+
+
+def initial_carry(model: Model, batch_size: int) -> tuple[()]:
+    """``()``: the model keeps no state from one batch to the next."""
+    del model, batch_size
+    return ()
+
+
+def utterance_losses(logits: jax.Array, lengths: jax.Array, batch: dict[str, Any]) -> jax.Array:
+    """CTC loss per utterance (blank 0): logits (B, T', C), output lengths (B,) -> (B,)."""
+    paddings = (jnp.arange(logits.shape[1])[None, :] >= lengths[:, None]).astype(jnp.float32)
+    return optax.ctc_loss(logits, paddings, batch["labels"], batch["label_paddings"])
+
+
+def train_loss(
+    model: Model, variables: dict[str, Any], batch: dict[str, Any], carry: tuple[()],
+    rngs: dict[str, Any],
+) -> tuple[jax.Array, tuple[()]]:
+    """Mean CTC loss over the utterances of ``batch``, and the (empty) carry."""
+    logits, lengths = model.apply(variables, *inputs(batch), train=True, rngs=rngs)
+    return utterance_losses(logits, lengths, batch).mean(), carry
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _eval_step(variables, batch, model):
+    logits, lengths = model.apply(variables, *inputs(batch))
+    real = batch["lengths"] > 0
+    loss = jnp.where(real, utterance_losses(logits, lengths, batch), 0.0).sum()
+    labels, label_lengths = ctc.greedy_decode(logits, lengths)
+    return loss, real.sum(), labels, label_lengths
+
+
+def evaluate(
+    model: Model, variables: dict[str, Any], batches: Iterator[dict[str, Any]],
+    dataset: data.SpeechData, batch_size: int, place: Callable[[Any], Any],
+) -> dict[str, float]:
+    """``loss``, mean CTC loss per utterance over ``batches`` (rows of length 0 are padding
+    and do not count), and ``cer`` and ``wer`` of the greedy transcripts (fractions).
+
+    ``model`` may be any object with the Flax model's ``apply``
+    (:class:`bsrnn.inference.SpeechModel` is one).
+    """
+    del batch_size  # no carry to size
+    total, count, references, hypotheses = 0.0, 0, [], []
+    for batch in batches:
+        loss, n, labels, lengths = _eval_step(variables, place(batch), model)
+        total, count = total + float(loss), count + int(n)
+        labels, lengths = sharding.to_host(labels), sharding.to_host(lengths)
+        for b in range(int(n)):
+            references.append("".join(dataset.vocab.decode(
+                batch["labels"][b, : batch["label_lengths"][b]])))
+            hypotheses.append("".join(dataset.vocab.decode(labels[b, : int(lengths[b])])))
+    return {"loss": total / count, **ctc.error_rates(references, hypotheses)}

@@ -12,25 +12,31 @@ With ``tie_embeddings`` the softmax reuses the embedding (``E`` must equal ``H``
 no ``output`` layer. The model is stateful across windows: it takes and returns the
 recurrent carry of every layer, so a contiguous stream (``bsrnn.data.lm_batches``) is read
 with truncated back-propagation through time.
+
+The trainer's questions (:class:`bsrnn.models.Task`): it reads ``lm`` data
+(:class:`bsrnn.data.TextData`); its loss is the cross-entropy per token in nats, the mean
+over the batch's tokens in training; the carry of the B training rows goes from one window
+to the next; evaluation passes the carry from window to window too and reports the mean
+loss per token and bits per character (character corpora) or perplexity (word corpora).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
-from bsrnn import cells, models
+from bsrnn import cells, data, models
 
 Carry = tuple[Any, ...]  # one carry per layer: h (B, H), or (h, c) for the LSTM
 
-
-def initial_carry(cell: str, num_layers: int, features: int, batch_size: int) -> Carry:
-    """Zero carries for every layer: h of shape (B, H), or (h, c) for the LSTM."""
-    h = jnp.zeros((batch_size, features), jnp.float32)
-    return tuple((h, h) if cell == "lstm" else h for _ in range(num_layers))
+TASK = "lm"  # reads bsrnn.data.TextData
+NUM_CLASSES_FIELD = "vocab_size"
 
 
 class Model(nn.Module):
@@ -76,8 +82,9 @@ class Model(nn.Module):
         super().__post_init__()
 
     def initial_carry(self, batch_size: int) -> Carry:
-        """Zero carries for a batch of ``batch_size`` rows."""
-        return initial_carry(self.cell, self.num_layers, self.features, batch_size)
+        """Zero carries for every layer: h of shape (B, H), or (h, c) for the LSTM."""
+        h = jnp.zeros((batch_size, self.features), jnp.float32)
+        return tuple((h, h) if self.cell == "lstm" else h for _ in range(self.num_layers))
 
     @nn.compact
     def __call__(
@@ -118,3 +125,56 @@ class Model(nn.Module):
         else:
             logits = nn.Dense(self.vocab_size, name="output")(x)
         return logits.astype(jnp.float32), tuple(new_carry)
+
+
+def inputs(batch: dict[str, Any]) -> tuple[jax.Array]:
+    """The model's inputs: the (B, T) tokens."""
+    return (batch["inputs"],)
+
+
+def initial_carry(model: Model, batch_size: int) -> Carry:
+    """Zero carries of ``model`` for ``batch_size`` rows (:meth:`Model.initial_carry`)."""
+    return model.initial_carry(batch_size)
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy in nats per token, (B, T, V), (B, T) -> (B, T)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def train_loss(
+    model: Model, variables: dict[str, Any], batch: dict[str, Any], carry: Carry,
+    rngs: dict[str, Any],
+) -> tuple[jax.Array, Carry]:
+    """Mean nats per token of ``batch`` with dropout, and the carry after it."""
+    logits, carry = model.apply(variables, batch["inputs"], carry, train=True, rngs=rngs)
+    return token_losses(logits, batch["targets"]).mean(), carry
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _eval_step(variables, carry, batch, model):
+    logits, carry = model.apply(variables, batch["inputs"], carry)
+    return token_losses(logits, batch["targets"]).sum(), carry
+
+
+def evaluate(
+    model: Model, variables: dict[str, Any], batches: Iterator[dict[str, Any]],
+    dataset: data.TextData, batch_size: int, place: Callable[[Any], Any],
+) -> dict[str, float]:
+    """``loss``, mean nats per token over ``batches`` (the windows of one split, the carry
+    passed from window to window as in training), and ``bpc`` (``dataset.unit == "char"``)
+    or ``perplexity`` (``"word"``).
+
+    ``model`` may be any object with the Flax model's ``apply`` and ``initial_carry``
+    (:class:`bsrnn.inference.LanguageModel` is one).
+    """
+    total, count = 0.0, 0
+    carry = place(model.initial_carry(batch_size))
+    for batch in batches:
+        loss, carry = _eval_step(variables, carry, place(batch), model)
+        total += float(loss)
+        count += batch["targets"].size
+    mean = total / count
+    if dataset.unit == "char":
+        return {"loss": mean, "bpc": data.bits_per_character(mean)}
+    return {"loss": mean, "perplexity": data.perplexity(mean)}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import jax
 
-from bsrnn import input_pipeline, train
+from bsrnn import data as data_lib
+from bsrnn import models, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "an4_ds2.py"
 
@@ -31,11 +32,12 @@ def main() -> None:
     for model_name in ("gru", "rnn"):
         config = module.get_config(f"model={model_name},features=512,method=bp,steps=1500")
         config.batch_size = 32
-        data = input_pipeline.load(config)
-        model = train.create_model(config, data)
-        batch = input_pipeline.example_batch(data, config)
-        state, tx, _ = train.initial_state(config, model, data.task, batch)
-        step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, task=data.task))
+        dataset = data_lib.load(config)
+        model = train.create_model(config, dataset)
+        batch = data_lib.example_batch(dataset, config)
+        task = models.model_module(config.model_name)
+        state, tx, _ = train.initial_state(config, model, task, batch)
+        step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, task=task))
         start = time.perf_counter()
         lowered = step.lower(state, batch)
         lowered_at = time.perf_counter()

@@ -53,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from bsrnn import configs, data, export, inference, input_pipeline  # noqa: E402
+from bsrnn import configs, data, export, inference  # noqa: E402
 from bsrnn.inference import speed  # noqa: E402
 from bsrnn.models import ds2, lm  # noqa: E402
 
@@ -120,7 +120,7 @@ def random_ds2(folder: Path, features: int, seed: int = 0) -> Path:
 def utterances(an4: str, count: int = 32, seed: int = 0) -> tuple[list[np.ndarray], str]:
     """AN4 test features (normalised), or random ones of AN4-like lengths."""
     if Path(an4).is_dir():
-        corpus, _ = data.normalize_corpus(input_pipeline.SPEECH_LOADERS["an4"](an4))
+        corpus, _ = data.normalize_corpus(data.SPEECH_LOADERS["an4"](an4))
         return [u.features for u in corpus.test[:count]], f"AN4 test ({an4})"
     rng = np.random.default_rng(seed)
     lengths = rng.integers(69, 640, count)

@@ -70,7 +70,7 @@ def lm_setup(args):
     tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq_len + 1))
     batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
              "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
-    return config, model, "lm", batch
+    return config, model, lm, batch
 
 
 def ds2_setup(args):
@@ -88,7 +88,7 @@ def ds2_setup(args):
              "labels": jnp.asarray(labels * (paddings == 0)),
              "label_paddings": jnp.asarray(paddings)}
     model = ds2.Model(num_classes=AN4_CLASSES, **config.model)
-    return config, model, "ctc", batch
+    return config, model, ds2, batch
 
 
 def trainer_variant(config, model, task, batch, method, freq, host_decides=True):

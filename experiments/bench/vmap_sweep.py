@@ -34,7 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bsrnn import input_pipeline, train, vmap_sweep
+from bsrnn import data, models, train, vmap_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,23 +83,24 @@ def main() -> None:
     configs = member_configs(args.members, args.features, text)
     config = configs[0]
     values = vmap_sweep.stack_values(configs)
-    dataset = input_pipeline.load(config)
+    dataset = data.load(config)
     model = train.create_model(config, dataset)
-    batch = jax.device_put(input_pipeline.example_batch(dataset, config))
-    step = vmap_sweep.make_step(config, model, dataset.task)
+    batch = jax.device_put(data.example_batch(dataset, config))
+    task = models.model_module(config.model_name)
+    step = vmap_sweep.make_step(config, model, task)
 
-    states = vmap_sweep.initial_states(config, values, model, dataset.task, batch)
+    states = vmap_sweep.initial_states(config, values, model, task, batch)
     vmapped, vmapped_first = time_steps(step, values, states, batch, args.steps)
     sequential, sequential_first = [], 0.0
     for i in range(args.members):
         one = {k: v[i : i + 1] for k, v in values.items()}
-        states = vmap_sweep.initial_states(config, one, model, dataset.task, batch)
+        states = vmap_sweep.initial_states(config, one, model, task, batch)
         times, first = time_steps(step, one, states, batch, args.steps)
         sequential, sequential_first = sequential + times, sequential_first + first
     # Check on member 0 that M = 1 costs what the ordinary trainer's step does.
-    state, tx, _ = train.initial_state(config, model, dataset.task, batch)
-    ordinary_step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                              task=dataset.task), donate_argnums=0)
+    state, tx, _ = train.initial_state(config, model, task, batch)
+    ordinary_step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, task=task),
+                            donate_argnums=0)
     ordinary, _ = time_steps(lambda v, s, b: ordinary_step(s, b), None, state, batch, args.steps)
 
     vmapped_median = statistics.median(vmapped)
