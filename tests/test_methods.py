@@ -139,6 +139,18 @@ def test_configs_that_do_not_fit_are_rejected_by_name(change, message):
         methods.create_optimizer(config, MASKS)
 
 
+@pytest.mark.parametrize("method,prunes,blocks", [
+    ("dense", False, False), ("structural", False, False), ("wp", True, False),
+    ("bp", True, True), ("gl", True, True), ("glp", True, True),
+])
+def test_method_predicates_say_what_each_method_prunes(method, prunes, blocks):
+    config = tiny_config(method, block_shape={"input": (4, 2), "recurrent": (2, 8), "fc": (1, 4)})
+    assert methods.prunes(config) is prunes
+    assert methods.prunes_blocks(config) is blocks
+    if prunes:  # wp prunes single weights whatever config.prune.block_shape says
+        assert methods.block_shape(config, "recurrent") == ((2, 8) if blocks else (1, 1))
+
+
 @pytest.mark.parametrize("method,expected", [
     ("bp", [100, 200, 300, 400, 500]),  # cubic from 10% to 50% of 1000 steps, freq 100
     ("wp", [100, 200, 300, 400, 500]),

@@ -1,7 +1,8 @@
-"""Models against independent computations, greedy CTC decoding and CER/WER on
-hand-made examples."""
+"""Models against independent computations, what the trainer asks of each model module
+(its evaluation), greedy CTC decoding and CER/WER on hand-made examples."""
 
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from bsrnn import blocks, ctc
+from bsrnn import blocks, ctc, data
 from bsrnn.models import ds2, lm, model_module
 
 
@@ -67,6 +68,25 @@ def test_lm_structural_modules_make_block_diagonal_recurrent_masks():
         assert masks["layer_0"][f"input_{gate}"]["kernel"].all()
 
 
+def test_lm_evaluate_is_the_mean_nats_of_the_whole_stream_read_in_windows():
+    # Windows of 4 tokens, the last one shorter, the carry passed between them (as
+    # TextData.eval_batches gives them) against one pass over the stream, in float64.
+    model = lm.Model(13, cell="gru", features=8, embed_dim=5)
+    rows = np.asarray(jax.random.randint(jax.random.key(6), (2, 11), 0, 13))
+    variables = model.init(jax.random.key(7), jnp.asarray(rows[:, :4]))
+    batches = [{"inputs": rows[:, i:min(i + 4, 10)], "targets": rows[:, i + 1:min(i + 5, 11)]}
+               for i in (0, 4, 8)]
+    logits = np.asarray(model.apply(variables, jnp.asarray(rows[:, :-1]))[0], np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nats = -np.take_along_axis(log_p, rows[:, 1:, None], -1).mean()
+    for unit, name, value in (("char", "bpc", nats / math.log(2)), ("word", "perplexity",
+                                                                    math.exp(nats))):
+        metrics = lm.evaluate(model, variables, iter(batches), SimpleNamespace(unit=unit), 2,
+                              place=lambda tree: tree)
+        assert set(metrics) == {"loss", name}
+        np.testing.assert_allclose([metrics["loss"], metrics[name]], [nats, value], rtol=1e-5)
+
+
 def test_models_are_picked_by_name():
     assert model_module("lm").Model is lm.Model and model_module("ds2").Model is ds2.Model
     with pytest.raises(ValueError, match="'transformer'.*'lm', 'ds2'"):
@@ -101,6 +121,34 @@ def test_ds2_padded_batch_equals_each_example_alone(variant):
         alone, _ = model.apply(variables, x[b:b + 1, :n], lengths[b:b + 1])
         np.testing.assert_allclose(logits[b, :m], alone[0], rtol=1e-4, atol=1e-5)
         assert np.all(np.asarray(logits[b, m:]) == 0)
+
+
+def test_ds2_evaluate_ignores_the_empty_rows_that_pad_the_last_batch():
+    # Two utterances and one empty row (length 0, as SpeechData.eval_batches pads): the loss
+    # is the mean over the two of each one's CTC loss alone, the references are theirs.
+    model = ds2.Model(4, conv_features=(2,), conv_kernels=((3, 3),), conv_strides=((1, 2),),
+                      features=4, num_layers=1, fc_features=5, bidirectional=False, cell="gru")
+    x = np.array(jax.random.normal(jax.random.key(8), (3, 6, 5)), np.float32)
+    lengths = np.array([6, 4, 0], np.int32)
+    x[1, 4:] = x[2] = 0
+    labels = np.array([[1, 2, 3], [3, 0, 0], [0, 0, 0]], np.int32)
+    label_lengths = np.array([3, 1, 0], np.int32)
+    paddings = (np.arange(3)[None, :] >= label_lengths[:, None]).astype(np.float32)
+    batch = {"inputs": x, "lengths": lengths, "labels": labels, "label_paddings": paddings,
+             "label_lengths": label_lengths}
+    variables = model.init(jax.random.key(9), x, lengths)
+    alone = []
+    for b in range(2):
+        one = {k: v[b:b + 1, :lengths[b]] if k == "inputs" else v[b:b + 1]
+               for k, v in batch.items()}
+        logits, out = model.apply(variables, one["inputs"], one["lengths"])
+        alone.append(float(ds2.utterance_losses(logits, out, one)[0]))
+    vocab = data.Vocabulary(("<blank>", "A", "B", "C"))
+    metrics = ds2.evaluate(model, variables, iter([batch]), SimpleNamespace(vocab=vocab), 3,
+                           place=lambda tree: tree)
+    assert set(metrics) == {"loss", "cer", "wer"}
+    np.testing.assert_allclose(metrics["loss"], np.mean(alone), rtol=1e-5)
+    assert 0 <= metrics["cer"] <= 1.5 and np.isfinite(metrics["wer"])
 
 
 def test_ds2_masks_cover_recurrent_and_fc_but_not_convolutions():
