@@ -53,8 +53,8 @@ One run, from a config (see ``experiments/configs``) into a working directory:
   per-layer sparsity every ``log_every`` steps, a progress bar with rate and ETA.
 * **Report**: ``<workdir>/report.json`` (:func:`bsrnn.report.build_report`: final metrics,
   sparsity overall and per layer, total and nonzero parameters, method, blocks, wall time,
-  config), printed as a table, and
-  ``<workdir>/masks.npz``, the final masks (:func:`bsrnn.report.load_masks` reads them).
+  config), printed as a table, and ``<workdir>/masks.npz``, the final masks
+  (:func:`bsrnn.report.load_masks` reads them).
 * **Export**: ``<workdir>/model.npz``, the model block-sparse (:mod:`bsrnn.export`), run
   from the file (:mod:`bsrnn.inference`): a few samples or transcripts, and its speed against
   the masked dense model (``report.json``'s ``export`` entry, :func:`export_model`).
