@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from bsrnn import methods, pruning
+from bsrnn import pruning
 
 _GATE = re.compile(r"^(input|recurrent)_[a-z]+$")
 
@@ -205,6 +205,8 @@ def build_report(
       (:func:`param_counts`), ``weight_percentile_90`` (:func:`weight_percentiles`),
       ``wall_time_s``, the ``config`` and the events above.
     """
+    from bsrnn import methods  # here: methods imports this module
+
     params, masks = jax.device_get((state.params, state.masks))
     layer_type = methods.prunable_layer_type(masks, config.prune.layer_types)
     kinds = config.prune.layer_types if methods.prunes(config) else ()
