@@ -103,8 +103,11 @@ def main(argv: list[str] | None = None) -> None:
             config = _config(args.config, args.data_path)
             dataset = data.load(config)
             recorded = model.info.get("metrics", {})
+            weights = model.weights  # speech batches vary in length: auto falls back there
+            if isinstance(model, inference.LanguageModel):  # windows of one shape: measured
+                weights = model.weights_for(config.eval_batch_size, config.seq_len)
             for split in dataset.eval_splits:
-                metrics = train.evaluate(model, model.weights, None, dataset, config, split)
+                metrics = train.evaluate(model, weights, None, dataset, config, split)
                 for name, value in metrics.items():
                     was = recorded.get(split, {}).get(name)
                     note = f" (report: {was:.6f})" if was is not None else ""
