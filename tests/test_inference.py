@@ -7,6 +7,7 @@ masks (`model.apply({"params", "masks"})`), i.e. the dense computation with prun
 zeroed.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -314,19 +315,35 @@ def test_a_run_exports_its_model_and_the_command_line_uses_it(tiny_text, tmp_pat
         cli.main(["transcribe", f"--model={path}", "x.mfc"])
 
 
-def test_a_layer_with_parts_inference_cannot_run_is_refused(tmp_path):
-    # input_norm=True adds a projection_norm to each recurrent layer; running the file
-    # without it would give wrong logits, so load names it instead.
+def test_input_norm_layers_run_their_layer_norm_on_the_dense_path(tmp_path):
+    # input_norm=True (the clipped-ReLU RNN recipe) adds a projection_norm to each recurrent
+    # layer; the kernels take x, not a normalised projection, so such a layer runs the masked
+    # dense path, with its layer norm, and the logits equal the masked dense model's.
+    rng = np.random.default_rng(5)
     kwargs = dict(num_classes=5, conv_features=(2,), conv_kernels=((3, 3),),
-                  conv_strides=((2, 2),), cell="gru", features=8, num_layers=1,
-                  bidirectional=False, row_conv_context=0, fc_features=8, input_norm=True)
+                  conv_strides=((2, 2),), cell="rnn_clipped_relu", features=8, num_layers=2,
+                  bidirectional=True, row_conv_context=0, fc_features=8, input_norm=True)
     model = ds2.Model(**kwargs)
-    features, lengths = jnp.zeros((2, 9, 5)), jnp.asarray([9, 4], jnp.int32)
-    variables = model.init(jax.random.key(0), features, lengths)
+    lengths = jnp.asarray([9, 4], jnp.int32)
+    features = rng.normal(0, 1, (2, 9, 5)).astype(np.float32)
+    variables = model.init(jax.random.key(0), jnp.asarray(features), lengths)
+    params = _randomised(rng, variables["params"])
+    masks = _random_block_masks(rng, variables["masks"])
     info = dict(name="ds2", kwargs=kwargs, data="test", step=0, metrics={},
                 vocab={"tokens": ["<blank>", " ", "A", "B", "C"], "unk": None},
                 features={"kind": "mfc", "num_mels": 5, "mean": [0.0] * 5, "std": [1.0] * 5})
-    path = _export(tmp_path, variables["params"],
-                   _random_block_masks(np.random.default_rng(0), variables["masks"]), info)
-    with pytest.raises(ValueError, match="projection_norm.*input_norm"):
-        inference.load(path)
+    path = _export(tmp_path, params, masks, info)
+    want, _ = model.apply({"params": params, "masks": masks}, features, lengths)
+    loaded = inference.load(path)
+    got, _ = loaded(features, lengths)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    layers = [layer for depth in loaded.weights.layers for layer in depth]
+    assert all(layer.input_norm and layer.sparse is None for layer in layers)
+    # Without its layer norm the same layers give other logits: the test can fail.
+    plain = jax.tree_util.tree_map(lambda x: x, loaded.weights)
+    plain = dataclasses.replace(plain, layers=tuple(
+        tuple(dataclasses.replace(layer, input_norm=False, params={
+            k: v for k, v in layer.params.items() if k != "projection_norm"}) for layer in depth)
+        for depth in plain.layers))
+    assert np.abs(np.asarray(inference.ds2_forward(plain, jnp.asarray(features), lengths)[0])
+                  - np.asarray(want)).max() > 1e-2

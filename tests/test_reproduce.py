@@ -129,21 +129,23 @@ def test_collect_files_only_grid_runs_made_with_todays_flags(tmp_path, monkeypat
     run = grid.studies()["an4_main"][0]
     workdir = tmp_path / "work"
 
-    def finished(study, name, args):
+    def finished(study, name, args, start=("python", "-m", "bsrnn")):  # as launcher writes
         folder = workdir / study / name
         folder.mkdir(parents=True)
         q = {"input": 0.1, "recurrent": 0.1, "fc": 0.1}  # read by the gradual studies
         (folder / "report.json").write_text(json.dumps({"weight_percentile_90": q}))
         (folder / "command.txt").write_text(
-            shlex.join(["python", "launch.py", *args, f"--workdir={folder}"]) + "\n")
+            shlex.join([*start, *args, f"--workdir={folder}"]) + "\n")
 
     finished(run.study, run.name, run.args())  # collected
+    earlier = grid.studies()["an4_main"][2]  # started by an earlier launcher: collected
+    finished(earlier.study, earlier.name, earlier.args(), start=("python", "launch.py"))
     finished("an4_main", "rnn999_dense_s0", run.args())  # not a run of the grid
     other = grid.studies()["an4_main"][1]
     finished(other.study, other.name, [*other.args(), "--config.batch_size=7"])  # other flags
     grid.collect(workdir)
     collected = sorted(p.parent.name for p in (tmp_path / "results").glob("*/*/report.json"))
-    assert collected == [run.name]
+    assert collected == sorted([run.name, earlier.name])
     assert capsys.readouterr().out.count("skipped") == 2
     # The same stale folder stops `run` before anything starts, naming the folder.
     with pytest.raises(SystemExit, match=other.name):

@@ -91,6 +91,8 @@ class Recurrent:
       params, masks: the `bsrnn.cells.RecurrentLayer` params and masks (dense path), or None.
       cell, features, reverse: as in `RecurrentLayer` (static).
       impl: the kernels' `impl` (static).
+      input_norm: the layer normalises its input projection (``RecurrentLayer``'s
+        ``input_norm``; the kernels do not compute it, so such a layer runs the dense path).
     """
 
     sparse: Any
@@ -100,6 +102,7 @@ class Recurrent:
     features: int = _static()
     reverse: bool = _static(default=False)
     impl: str = _static(default="auto")
+    input_norm: bool = _static(default=False)
 
 
 def linear(layer: Linear, x: jax.Array) -> jax.Array:
@@ -132,7 +135,8 @@ def recurrent(
       outputs (B, T, H) and the final carry.
     """
     if layer.sparse is None:
-        module = cells.RecurrentLayer(layer.cell, layer.features, reverse=layer.reverse)
+        module = cells.RecurrentLayer(layer.cell, layer.features, reverse=layer.reverse,
+                                      input_norm=layer.input_norm)
         return module.apply({"params": layer.params, "masks": layer.masks}, x, lengths,
                             initial_carry=carry)
     run = _KERNEL_CELLS[layer.cell][1]
@@ -222,11 +226,12 @@ def _recurrent(params: dict, cell: str, impl: str, dtype: Any, reverse: bool = F
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"a {cell} layer needs {names}; the file lacks {missing}")
-    unknown = sorted(set(params) - set(names))
-    if unknown:  # e.g. the input_norm option's projection_norm: running without it is wrong
+    input_norm = "projection_norm" in params  # RecurrentLayer(input_norm=True)
+    unknown = sorted(set(params) - set(names) - {"projection_norm"})
+    if unknown:  # running without a part would be wrong
         raise ValueError(f"a {cell} layer of this file has parts bsrnn.inference cannot run "
-                         f"yet: {unknown} (a layer trained with input_norm=True?); evaluate "
-                         "that model from its workdir with bsrnn.train instead")
+                         f"yet: {unknown}; evaluate that model from its workdir with "
+                         "bsrnn.train instead")
     dense = {n: dict(zip(("kernel", "mask"), _kernel_and_mask(params[n]["kernel"], dtype),
                          strict=True)) for n in names}
     layer_params = {n: {"kernel": dense[n]["kernel"], "bias": np.asarray(params[n]["bias"])}
@@ -238,9 +243,12 @@ def _recurrent(params: dict, cell: str, impl: str, dtype: Any, reverse: bool = F
                     if isinstance(k, BlockSparseMatrix)}
     sparse_ok = (impl != "dense" and cell in _KERNEL_CELLS and len(block_shapes) == 1
                  and all(isinstance(k, BlockSparseMatrix) for k in recurrent_kernels))
-    if not sparse_ok:
+    if input_norm:  # the kernels take x, not a normalised projection: the dense path
+        layer_params["projection_norm"] = {k: np.asarray(v)
+                                           for k, v in params["projection_norm"].items()}
+    if not sparse_ok or input_norm:
         return Recurrent(None, _cast(layer_params, dtype), jax.tree_util.tree_map(
-            jnp.asarray, layer_masks), cell, features, reverse)
+            jnp.asarray, layer_masks), cell, features, reverse, input_norm=input_norm)
     build = _KERNEL_CELLS[cell][0]
     weights = build(layer_params, layer_masks, block_shapes.pop(), dtype=dtype)
     if cell == "gru":

@@ -443,7 +443,10 @@ def _stale(folder: Path, run_: Run) -> bool:
     command = folder / "command.txt"
     if not command.exists():
         return False
-    return shlex.split(command.read_text())[2:-1] != run_.args()
+    # The flags, whatever started them (`python launch.py ...` or `python -m bsrnn ...`).
+    flags = [a for a in shlex.split(command.read_text())
+             if a.startswith("--") and not a.startswith("--workdir=")]
+    return flags != run_.args()
 
 
 def collect(workdir: Path) -> None:
