@@ -10,7 +10,8 @@
 # start). collect writes dense_scores.json from the checkpoints of the keep_scores runs, so
 # it must run in the same call as their training. What collect changed under
 # experiments/results and the log.txt of every unfinished run come back in one archive,
-# $OUT/results.tar.gz (results/: copy it over experiments/results; failed/), the log in $OUT/log.
+# $OUT/results.tar.gz (results/: copy it over experiments/results; failed/; raw/: every finished
+# run's report, command and metrics as trained), the log in $OUT/log.
 set -u
 STUDIES=$1 MATCH=$2 WORKERS=$3 DEADLINE=$4
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -37,7 +38,13 @@ mkdir -p "$W" "$OUT/failed"
     [ -e "$(dirname "$log")/report.json" ] && continue
     cp "$log" "$OUT/failed/$(basename "$(dirname "$(dirname "$log")")")_$(basename "$(dirname "$log")").txt"
   done
+  # Every finished run's own files too, whatever collect did with them (small: no masks).
+  (cd "$W" && find . -mindepth 3 -maxdepth 3 \( -name report.json -o -name command.txt \
+     -o -name metrics.jsonl -o -name dense_scores.json \) -print) | while read -r f; do
+    mkdir -p "$OUT/raw/$(dirname "$f")" && cp "$W/$f" "$OUT/raw/$f"
+  done
   echo "=== $(date +%T) done"
 } 2>&1 | tee "$OUT/log"
 # The device tool returns at most 8 files, 2 folders down: everything travels as one archive.
-tar -czf "$OUT/results.tar.gz" -C "$OUT" results failed && rm -rf "$OUT/results" "$OUT/failed"
+mkdir -p "$OUT/results" "$OUT/raw"
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results failed raw && rm -rf "$OUT/results" "$OUT/failed" "$OUT/raw"
