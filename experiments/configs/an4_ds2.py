@@ -56,7 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mask_fc=True,
         mask_output=True,
         unroll=4,
-        input_norm=False,  # layer norm on the recurrent layers' input projections
+        # Layer norm on the recurrent layers' input projections (as DS2 normalised them):
+        # with it and Adam 5e-4 the clipped-ReLU RNN trains reliably (3 seeds of the dense
+        # 512 within 0.8 CER points; at Adam 1e-3 without it seeds disagreed by up to 64).
+        input_norm=rnn,
     ))
     config.batch_size = 16
     config.eval_batch_size = 32
@@ -67,8 +70,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.max_checkpoints = 2
     config.mesh = configs.mesh(data=-1)  # data parallel over all devices
 
-    config.optimizer = configs.optimizer("adam", learning_rate=1e-3, schedule="cosine",
-                                         warmup_steps=200, grad_clip=5.0)
+    if rnn:  # the recipe above (experiments/reproduce/grid.py RECIPES["lnlr5e4"])
+        config.optimizer = configs.optimizer("adam", learning_rate=5e-4, schedule="cosine",
+                                             warmup_steps=300, grad_clip=1.0)
+    else:
+        config.optimizer = configs.optimizer("adam", learning_rate=1e-3, schedule="cosine",
+                                             warmup_steps=200, grad_clip=5.0)
     config.update(configs.pruning(sparsity=0.9, block_shape=(4, 4), begin_fraction=0.1,
                                   ramp_fraction=0.2, end_fraction=0.4, freq=50,
                                   glp_strength=1e-5, gl_strength=3e-4, num_modules=8))
