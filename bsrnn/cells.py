@@ -23,6 +23,7 @@ Cell equations (PyTorch/cuDNN formulation; x_t the input, h the state):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -156,6 +157,24 @@ def recurrent_product(h: jax.Array, w_h: jax.Array) -> jax.Array:
     return jnp.einsum("kbi,kic->kbc", h, w_h)
 
 
+def recurrent_product_transpose(d: jax.Array, w_h: Any, h: jax.Array) -> jax.Array:
+    """dh of :func:`recurrent_product` (``h``, ``w_h``) for the output cotangent ``d``, the
+    gradient w.r.t. h only (the product is linear in h; no weight gradient is computed).
+
+    Dense: d (B, gates·H) -> (B, H), d @ W_hᵀ; block-diagonal: d (G, B, gates·H/G) ->
+    (G, B, H/G), G batched products; a frozen layer's block-sparse kernel: its own
+    transposed product on the kept blocks (``transposed_product``). ``h`` (the product's
+    input) gives the result's shape and dtype only.
+    """
+    if not isinstance(w_h, jax.Array):  # a frozen layer's block-sparse kernel
+        return w_h.transposed_product(d).astype(h.dtype)
+    transpose = jax.linear_transpose(
+        lambda h: recurrent_product(h, w_h), jax.ShapeDtypeStruct(h.shape, h.dtype)
+    )
+    out_dtype = jnp.result_type(h.dtype, w_h.dtype)
+    return transpose(d.astype(out_dtype))[0]
+
+
 def rnn_activation(cell: str, pre: jax.Array) -> jax.Array:
     """The vanilla RNN's nonlinearity: tanh (``rnn``) or DS2's min(max(·, 0), 20)
     (``rnn_clipped_relu``), elementwise on the pre-activation W_i x + b_i + W_h h + b_h."""
@@ -196,7 +215,7 @@ def lstm_gates(
 
 
 def cell_step(cell: str, carry: Carry, x_proj: jax.Array, w_h: jax.Array, b_h: jax.Array):
-    """One time step of ``cell``.
+    """One time step of ``cell``: :func:`cell_update` on ``recurrent_product(h, w_h) + b_h``.
 
     Args:
       cell: one of :data:`GATES`.
@@ -211,12 +230,31 @@ def cell_step(cell: str, carry: Carry, x_proj: jax.Array, w_h: jax.Array, b_h: j
     Returns:
       (new carry, output h' of shape (B, H)).
     """
-    h = carry[0] if cell == "lstm" else carry
-    h_proj = recurrent_product(h, w_h) + b_h
+    return cell_update(cell, carry, x_proj, recurrent_product(carry_hidden(cell, carry), w_h) + b_h)
+
+
+def carry_hidden(cell: str, carry: Carry) -> jax.Array:
+    """The hidden state h of a carry: ``carry`` itself, or ``carry[0]`` for the LSTM."""
+    return carry[0] if cell == "lstm" else carry
+
+
+def cell_update(cell: str, carry: Carry, x_proj: jax.Array, h_proj: jax.Array):
+    """The elementwise part of a step of ``cell``: the gate math given both projections.
+
+    Args:
+      cell: one of :data:`GATES`.
+      carry: h (B, H), or (h, c) for the LSTM (or per module, as in :func:`cell_step`).
+      x_proj: W_i x + b_i of this step, (B, gates·H).
+      h_proj: W_h h + b_h of this step, (B, gates·H), same layout.
+
+    Returns:
+      (new carry, output h' of shape (B, H)).
+    """
     if cell in ("rnn", "rnn_clipped_relu"):
         new_h = rnn_activation(cell, x_proj + h_proj)
         return new_h, new_h
     if cell == "gru":
+        h = carry
         new_h = gru_gates(*jnp.split(x_proj, 3, axis=-1), *jnp.split(h_proj, 3, axis=-1), h)
         return new_h, new_h
     new_h, new_c = lstm_gates(*jnp.split(x_proj + h_proj, 4, axis=-1), carry[1])
@@ -274,6 +312,13 @@ class RecurrentLayer(nn.Module):
         units, per frame, with a learned scale and shift (module ``projection_norm``,
         never pruned), as DS2 batch-normalised the input projections (per frame, so
         padding and batch composition change nothing). Off: the plain cell.
+      weight_grad: how the recurrence is differentiated. ``"hoisted"`` (default): a custom
+        VJP (:func:`hoisted_recurrence`) that computes the recurrent weight gradient in one
+        product over all steps after the backward scan, instead of accumulating it inside
+        every backward step; ``"scan"``: plain JAX autodiff of the scan
+        (:func:`scan_recurrence`), the same numbers up to summation order, needed only for
+        forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``), which a custom VJP does not
+        support.
     """
 
     cell: str
@@ -286,6 +331,7 @@ class RecurrentLayer(nn.Module):
     unroll: int = 1
     dtype: Any = None
     input_norm: bool = False
+    weight_grad: str = "hoisted"
 
     @nn.compact
     def __call__(
@@ -445,6 +491,7 @@ class LayerConfig(Protocol):
     reverse: bool
     recurrent_modules: int
     unroll: int
+    weight_grad: str
 
 
 def run_layer(
@@ -458,14 +505,16 @@ def run_layer(
     """One recurrent layer's pass over a padded batch, given its :func:`fused_weights`.
 
     The one implementation behind :class:`RecurrentLayer` and :class:`bsrnn.nnx.RecurrentLayer`
-    (``layer``, whose cell, H, direction, P3's G and unroll factor it reads): the input
-    projection of all steps in one product, then ``jax.lax.scan`` over :func:`cell_step`.
+    (``layer``, whose cell, H, direction, P3's G, unroll factor and ``weight_grad`` it reads):
+    the input projection of all steps in one product, then ``jax.lax.scan`` over
+    :func:`cell_step` (:func:`hoisted_recurrence` or :func:`scan_recurrence`).
     ``input_norm``: applied to the input projection per gate, (B, T, gates, H) -> same
     (:class:`RecurrentLayer`'s ``input_norm``), or ``None``. The other arguments and the
     results as in :meth:`RecurrentLayer.__call__`.
     """
     cell, features, reverse, unroll = layer.cell, layer.features, layer.reverse, layer.unroll
-    modules = layer.recurrent_modules
+    modules, weight_grad = layer.recurrent_modules, layer.weight_grad
+    check_weight_grad(weight_grad)
     batch, steps, _ = x.shape
     w_i, b_i, w_h, b_h = weights
     gates = len(GATES[cell])
@@ -484,19 +533,9 @@ def run_layer(
         x_proj = _to_modules(x_proj, modules, gates)
         initial_carry = jax.tree_util.tree_map(lambda c: _to_modules(c, modules), initial_carry)
 
-    def step(carry: Carry, inputs: tuple[jax.Array, jax.Array | None]):
-        x_t, valid_t = inputs
-        new_carry, out = cell_step(cell, carry, x_t, w_h, b_h)
-        if valid_t is None:  # no padding: skip the selects
-            return new_carry, out
-        keep = valid_t[:, None]  # (B, 1): broadcasts over (B, H) and (G, B, H/G)
-        new_carry = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(keep, new, old), new_carry, carry
-        )
-        return new_carry, jnp.where(keep, out, 0)
-
     valid = None if lengths is None else jnp.arange(steps)[:, None] < lengths[None, :]
-    carry, outputs = jax.lax.scan(step, initial_carry, (x_proj, valid), unroll=unroll)
+    scan = hoisted_recurrence if weight_grad == "hoisted" else scan_recurrence
+    carry, outputs = scan(cell, unroll, x_proj, valid, initial_carry, w_h, b_h)
     if modules > 1:
         outputs = _from_modules(outputs)
         carry = jax.tree_util.tree_map(_from_modules, carry)
@@ -504,6 +543,137 @@ def run_layer(
     if reverse:
         outputs = jnp.flip(outputs, 1) if lengths is None else reverse_sequences(outputs, lengths)
     return outputs, carry
+
+
+WEIGHT_GRADS = ("hoisted", "scan")
+
+
+def check_weight_grad(weight_grad: str) -> None:
+    """Raise ``ValueError`` unless ``weight_grad`` is one of :data:`WEIGHT_GRADS`."""
+    if weight_grad not in WEIGHT_GRADS:
+        raise ValueError(f"weight_grad={weight_grad!r}: choose one of {WEIGHT_GRADS}.")
+
+
+def _select_update(
+    cell: str, carry: Carry, x_t: jax.Array, h_proj: jax.Array, valid_t: jax.Array | None
+) -> tuple[Carry, jax.Array]:
+    """:func:`cell_update`, then, where ``valid_t`` (B,) is False, the old carry and a zero
+    output (``valid_t`` ``None``: every row valid, no selects)."""
+    new_carry, out = cell_update(cell, carry, x_t, h_proj)
+    if valid_t is None:
+        return new_carry, out
+    keep = valid_t[:, None]  # (B, 1): broadcasts over (B, H) and (G, B, H/G)
+    new_carry = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), new_carry, carry)
+    return new_carry, jnp.where(keep, out, 0)
+
+
+def scan_recurrence(
+    cell: str,
+    unroll: int,
+    x_proj: jax.Array,
+    valid: jax.Array | None,
+    initial_carry: Carry,
+    w_h: Any,
+    b_h: jax.Array,
+) -> tuple[Carry, jax.Array]:
+    """The recurrence of :func:`run_layer`: ``jax.lax.scan`` over :func:`cell_step` with the
+    padding selects, differentiated by plain JAX autodiff (``weight_grad="scan"``).
+
+    Args:
+      cell: one of :data:`GATES`; unroll: the scan's unroll factor.
+      x_proj: (T, B, gates·H) input projections (per module: (T, G, B, gates·H/G)).
+      valid: (T, B) bool, False at padding steps, or ``None`` (no padding).
+      initial_carry: h0 (B, H) or (h0, c0) (per module: (G, B, H/G)).
+      w_h, b_h: the recurrent kernel and bias as :func:`cell_step` takes them.
+
+    Returns:
+      The final carry and the outputs (T, B, H) (per module (T, G, B, H/G)), zero at padding.
+    """
+
+    def step(carry: Carry, inputs: tuple[jax.Array, jax.Array | None]):
+        x_t, valid_t = inputs
+        h_proj = recurrent_product(carry_hidden(cell, carry), w_h) + b_h
+        return _select_update(cell, carry, x_t, h_proj, valid_t)
+
+    return jax.lax.scan(step, initial_carry, (x_proj, valid), unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def hoisted_recurrence(
+    cell: str,
+    unroll: int,
+    x_proj: jax.Array,
+    valid: jax.Array | None,
+    initial_carry: Carry,
+    w_h: Any,
+    b_h: jax.Array,
+) -> tuple[Carry, jax.Array]:
+    """:func:`scan_recurrence` with a custom VJP that computes the recurrent weight gradient
+    outside the scan (``weight_grad="hoisted"``, the default); same arguments and values.
+
+    Plain autodiff of the scan treats W_h as a loop constant, so its transposed scan adds
+    h_{t-1}ᵀ dp_t into a (H, gates·H) accumulator at every step (a read-modify-write of the
+    whole kernel's size per step, on top of dh = dp_t W_hᵀ). Here the forward scan also
+    saves each step's carry and recurrent projection p_t = W_h h_{t-1} + b_h; the backward
+    scan takes, per step, the VJP of the elementwise part (:func:`cell_update` and the
+    padding selects, by ``jax.vjp``) and dh_{t-1} += dp_t W_hᵀ
+    (:func:`recurrent_product_transpose`); after it, dW_h is ONE product over all steps,
+    the VJP of ``W -> recurrent_product(h_{0..T-1}, W)`` with time folded into the batch
+    axis, and db_h = Σ dp_t. One formula serves the dense, block-diagonal and frozen
+    block-sparse kernels. Forward-mode autodiff (``jax.jvp``) of a custom VJP is not
+    defined in JAX: use ``weight_grad="scan"`` for it.
+    """
+    return scan_recurrence(cell, unroll, x_proj, valid, initial_carry, w_h, b_h)
+
+
+def _hoisted_fwd(cell, unroll, x_proj, valid, initial_carry, w_h, b_h):
+    def step(carry, inputs):
+        x_t, valid_t = inputs
+        h_proj = recurrent_product(carry_hidden(cell, carry), w_h) + b_h
+        new_carry, out = _select_update(cell, carry, x_t, h_proj, valid_t)
+        return new_carry, (out, carry, h_proj)
+
+    carry, (outputs, carries, h_projs) = jax.lax.scan(
+        step, initial_carry, (x_proj, valid), unroll=unroll
+    )
+    return (carry, outputs), (x_proj, valid, carries, h_projs, w_h, b_h)
+
+
+def _hoisted_bwd(cell, unroll, residuals, cotangents):
+    x_proj, valid, carries, h_projs, w_h, b_h = residuals
+    d_final, d_outputs = cotangents
+
+    def step(d_carry, inputs):
+        x_t, valid_t, carry, h_proj, d_out = inputs
+        _, vjp = jax.vjp(
+            lambda x, p, c: _select_update(cell, c, x, p, valid_t), x_t, h_proj, carry
+        )
+        d_x, d_proj, d_prev = vjp((d_carry, d_out))
+        h = carry_hidden(cell, carry)
+        d_h = carry_hidden(cell, d_prev) + recurrent_product_transpose(d_proj, w_h, h)
+        d_prev = (d_h, d_prev[1]) if cell == "lstm" else d_h
+        return d_prev, (d_x, d_proj)
+
+    d_initial, (d_x_proj, d_h_projs) = jax.lax.scan(
+        step, d_final, (x_proj, valid, carries, h_projs, d_outputs), reverse=True, unroll=unroll
+    )
+    # dW_h in one product over all steps: time folded into the batch axis (axis -2).
+    h_all = _fold_time(carry_hidden(cell, carries))
+    _, vjp_w = jax.vjp(lambda w: recurrent_product(h_all, w), w_h)
+    d_proj_all = _fold_time(d_h_projs)
+    (d_w,) = vjp_w(d_proj_all.astype(jnp.result_type(h_all.dtype, w_h.dtype)))
+    _, vjp_b = jax.vjp(lambda b: jnp.broadcast_to(b, d_h_projs.shape), b_h)
+    (d_b,) = vjp_b(d_h_projs.astype(b_h.dtype))
+    return d_x_proj, None, d_initial, d_w, d_b
+
+
+hoisted_recurrence.defvjp(_hoisted_fwd, _hoisted_bwd)
+
+
+def _fold_time(a: jax.Array) -> jax.Array:
+    """(T, ..., B, F) -> (..., T·B, F): the steps stacked along the batch axis."""
+    a = jnp.moveaxis(a, 0, -3)
+    return a.reshape(*a.shape[:-3], -1, a.shape[-1])
 
 
 def _block_diagonal_kernel(
@@ -546,8 +716,8 @@ class RNN(nn.Module):
 
     Attributes:
       cell, features, recurrent_mask_init, input_mask_init, recurrent_modules,
-        frozen_recurrent, unroll, dtype, input_norm: as in :class:`RecurrentLayer`, shared
-        by every layer.
+        frozen_recurrent, unroll, dtype, input_norm, weight_grad: as in
+        :class:`RecurrentLayer`, shared by every layer.
       num_layers: depth.
       bidirectional: run a forward and a backward layer at each depth.
     """
@@ -563,6 +733,7 @@ class RNN(nn.Module):
     unroll: int = 1
     dtype: Any = None
     input_norm: bool = False
+    weight_grad: str = "hoisted"
 
     @nn.compact
     def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
@@ -577,6 +748,7 @@ class RNN(nn.Module):
             unroll=self.unroll,
             dtype=self.dtype,
             input_norm=self.input_norm,
+            weight_grad=self.weight_grad,
         )
         return run_stack(
             lambda name, reverse: RecurrentLayer(name=name, reverse=reverse, **common),

@@ -103,8 +103,8 @@ class RecurrentLayer(nnx.Module):
       in_features: input width D (NNX builds its variables before it sees an input).
       features: hidden size H.
       reverse: run each sequence from its last valid step back to its first.
-      recurrent_mask_init, input_mask_init, recurrent_modules, unroll, dtype: as in
-        :class:`bsrnn.cells.RecurrentLayer`.
+      recurrent_mask_init, input_mask_init, recurrent_modules, unroll, dtype, weight_grad:
+        as in :class:`bsrnn.cells.RecurrentLayer`.
       rngs: the ``params`` stream initialises the kernels.
     """
 
@@ -120,9 +120,11 @@ class RecurrentLayer(nnx.Module):
         recurrent_modules: int = 1,
         unroll: int = 1,
         dtype: Any = None,
+        weight_grad: str = "hoisted",
         rngs: nnx.Rngs,
     ) -> None:
         cells.check_layer_config(cell, features, recurrent_modules)
+        cells.check_weight_grad(weight_grad)
         recurrent_init = cells.recurrent_modules_mask_init(
             recurrent_mask_init, recurrent_modules, "RecurrentLayer: recurrent_mask_init's mask"
         )
@@ -148,6 +150,7 @@ class RecurrentLayer(nnx.Module):
             )
         self.cell, self.in_features, self.features = cell, in_features, features
         self.reverse, self.recurrent_modules, self.unroll = reverse, recurrent_modules, unroll
+        self.weight_grad = weight_grad
 
     def __call__(
         self,
@@ -184,7 +187,8 @@ class RNN(nnx.Module):
 
     Args:
       cell, in_features, features, recurrent_mask_init, input_mask_init, recurrent_modules,
-        unroll, dtype: as in :class:`RecurrentLayer` (``in_features`` is the first layer's).
+        unroll, dtype, weight_grad: as in :class:`RecurrentLayer` (``in_features`` is the
+        first layer's).
       num_layers: depth.
       bidirectional: run a forward and a backward layer at each depth.
       rngs: the ``params`` stream initialises the kernels.
@@ -203,6 +207,7 @@ class RNN(nnx.Module):
         recurrent_modules: int = 1,
         unroll: int = 1,
         dtype: Any = None,
+        weight_grad: str = "hoisted",
         rngs: nnx.Rngs,
     ) -> None:
         common = dict(
@@ -211,6 +216,7 @@ class RNN(nnx.Module):
             recurrent_modules=recurrent_modules,
             unroll=unroll,
             dtype=dtype,
+            weight_grad=weight_grad,
             rngs=rngs,
         )
         width = in_features

@@ -62,6 +62,10 @@ class FrozenBlocks:
       t_order: (nnzb,) int32, the stored blocks in the order of the transposed kernel's BSC
         (by block row of W_h, then block column).
       t_col_ptr: (ceil(H/bh) + 1,) int32 column pointers of W_hᵀ.
+      impl: how the per-step products h @ W_h and dy @ W_hᵀ run (:func:`bsrnn.kernels.
+        bsc_matmul`'s ``impl``): "xla" (:func:`bsrnn.kernels.xla.bsc_matmul_xla`),
+        "pallas" (the Triton kernel, GPUs only), or "auto": "pallas" where the default
+        backend is a GPU, else "xla".
     """
 
     hidden: int
@@ -73,6 +77,7 @@ class FrozenBlocks:
     col_ids: np.ndarray = dataclasses.field(repr=False)
     t_order: np.ndarray = dataclasses.field(repr=False)
     t_col_ptr: np.ndarray = dataclasses.field(repr=False)
+    impl: str = "auto"
 
     @property
     def nnzb(self) -> int:
@@ -86,9 +91,11 @@ class FrozenBlocks:
 
     @classmethod
     def from_masks(cls, masks: Sequence[Any], gates: Sequence[str],
-                   block_shape: tuple[int, int]) -> FrozenBlocks:
+                   block_shape: tuple[int, int], impl: str = "auto") -> FrozenBlocks:
         """The structure of the (H, H) masks of a layer's gates (concrete, block-structured
-        for ``block_shape``; ``ValueError`` otherwise)."""
+        for ``block_shape``; ``ValueError`` otherwise); ``impl`` as the attribute."""
+        if impl not in PRODUCT_IMPLS:
+            raise ValueError(f"impl={impl!r}: choose one of {PRODUCT_IMPLS}.")
         hidden = int(np.shape(masks[0])[0])
         if any(np.shape(m) != (hidden, hidden) for m in masks):
             raise ValueError(f"recurrent masks must be (H, H), got {[np.shape(m) for m in masks]}.")
@@ -101,15 +108,23 @@ class FrozenBlocks:
         as_int = functools.partial(np.asarray, dtype=np.int32)
         return cls(hidden, tuple(gates), tuple(block_shape), keep,
                    as_int(row_indices), as_int(col_ptr), as_int(col_ids), as_int(t_order),
-                   as_int(t_col_ptr))
+                   as_int(t_col_ptr), impl)
+
+    def product_impl(self) -> str:
+        """The ``impl`` the products run now: "auto" resolved for the default backend."""
+        if self.impl != "auto":
+            return self.impl
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
-def freeze(masks: Any, block_shape: tuple[int, int]) -> FrozenDict[str, FrozenBlocks]:
+def freeze(masks: Any, block_shape: tuple[int, int],
+           impl: str = "auto") -> FrozenDict[str, FrozenBlocks]:
     """The frozen structure of every :class:`bsrnn.cells.RecurrentLayer` in a masks tree.
 
     Args:
       masks: a model's ``masks`` collection (concrete: numpy or device arrays).
       block_shape: (bh, bw) the recurrent masks were pruned with.
+      impl: the per-step products' implementation (:attr:`FrozenBlocks.impl`).
 
     Returns:
       ``{layer path ("layer_0", "rnn/layer_1_fwd", ...): FrozenBlocks}``, for the models'
@@ -126,7 +141,7 @@ def freeze(masks: Any, block_shape: tuple[int, int]) -> FrozenDict[str, FrozenBl
             raise ValueError(f"{'/'.join(layer)} has recurrent gates {sorted(gate_masks)}, "
                              f"not those of a cell in {cells.GATES}.")
         frozen["/".join(layer)] = FrozenBlocks.from_masks(
-            [gate_masks[g] for g in gates], gates, block_shape)
+            [gate_masks[g] for g in gates], gates, block_shape, impl)
     return FrozenDict(frozen)
 
 
@@ -145,6 +160,19 @@ def _transposed(blocks_: FrozenBlocks, values: jax.Array) -> BlockSparseMatrix:
                              (len(blocks_.gates) * blocks_.padded, blocks_.hidden), (bw, bh))
 
 
+PRODUCT_IMPLS = ("auto", "xla", "pallas")
+
+
+def _bsc_product(blocks_: FrozenBlocks, x: jax.Array, w: BlockSparseMatrix) -> jax.Array:
+    """x @ w by ``blocks_.product_impl()``: the Pallas kernel of :func:`bsrnn.kernels.
+    bsc_matmul` or :func:`bsc_matmul_xla`."""
+    if blocks_.product_impl() == "xla":
+        return bsc_matmul_xla(x, w)
+    from bsrnn.kernels import bsc_matmul  # the package imports this module's neighbours
+
+    return bsc_matmul(x, w, impl="pallas")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def block_sparse_matmul(blocks_: FrozenBlocks, h: jax.Array, values: jax.Array) -> jax.Array:
     """y = h @ W_h on the kept blocks.
@@ -157,7 +185,14 @@ def block_sparse_matmul(blocks_: FrozenBlocks, h: jax.Array, values: jax.Array) 
     Returns:
       (B, gates·Hp), gate q in columns q·Hp to q·Hp + H (the rest zero).
     """
-    return bsc_matmul_xla(h, _matrix(blocks_, values))
+    return _bsc_product(blocks_, h, _matrix(blocks_, values))
+
+
+def transposed_matmul(blocks_: FrozenBlocks, dy: jax.Array, values: jax.Array) -> jax.Array:
+    """dh = dy @ W_hᵀ on the kept blocks (W_hᵀ stored block-sparse, see the module
+    docstring): dy (B, gates·Hp) -> (B, H). The gradient of :func:`block_sparse_matmul`
+    w.r.t. h alone, no weight gradient."""
+    return _bsc_product(blocks_, dy, _transposed(blocks_, values))
 
 
 def _matmul_fwd(blocks_, h, values):
@@ -167,7 +202,7 @@ def _matmul_fwd(blocks_, h, values):
 def _matmul_bwd(blocks_, residuals, dy):
     h, values = residuals
     (bh, bw), nbr = blocks_.block_shape, blocks_.keep.shape[1]
-    dh = bsc_matmul_xla(dy, _transposed(blocks_, values)).astype(h.dtype)
+    dh = transposed_matmul(blocks_, dy, values).astype(h.dtype)
     hb = jnp.pad(h, ((0, 0), (0, nbr * bh - h.shape[1]))).reshape(h.shape[0], nbr, bh)
     dyb = dy.reshape(dy.shape[0], -1, bw)
     h_rows = jnp.take(hb, blocks_.row_indices, axis=1)  # (B, nnzb, bh)
@@ -213,10 +248,19 @@ class SparseRecurrentKernel:
         return self.values.dtype
 
     def __rmatmul__(self, h: jax.Array) -> jax.Array:
+        """h (B, H) @ W_h -> (B, gates·H) in the values' dtype."""
         y = block_sparse_matmul(self.blocks, h.astype(self.values.dtype), self.values)
         gates, hp = len(self.blocks.gates), self.blocks.padded
         return y.reshape(h.shape[0], gates, hp)[:, :, : self.blocks.hidden].reshape(
             h.shape[0], -1)
+
+    def transposed_product(self, dy: jax.Array) -> jax.Array:
+        """dy (B, gates·H) @ W_hᵀ -> (B, H): the gradient of ``h @ kernel`` w.r.t. h only
+        (:func:`transposed_matmul`; for :func:`bsrnn.cells.recurrent_product_transpose`)."""
+        gates, hidden, hp = len(self.blocks.gates), self.blocks.hidden, self.blocks.padded
+        dy = dy.astype(self.values.dtype).reshape(dy.shape[0], gates, hidden)
+        dy = jnp.pad(dy, ((0, 0), (0, 0), (0, hp - hidden))).reshape(dy.shape[0], -1)
+        return transposed_matmul(self.blocks, dy, self.values)
 
 
 def recurrent_kernel(
