@@ -350,6 +350,7 @@ class RecurrentLayer(nn.Module):
           step).
         """
         check_layer_config(self.cell, self.features, self.recurrent_modules)
+        check_weight_grad(self.weight_grad)
         dense = dict(features=self.features, dtype=self.dtype)
         recurrent_mask_init = recurrent_modules_mask_init(
             self.recurrent_mask_init,

@@ -7,11 +7,17 @@ training can run on it. :func:`freeze` reads the structure off the masks on the 
 :class:`bsrnn.cells.RecurrentLayer` given it (``frozen_recurrent=``) computes each step's
 h @ W_h with W_h block-sparse (BSC, :mod:`bsrnn.kernels.bsc`), gates side by side:
 
-* forward: ``bsc_matmul_xla(h, W_h)``;
-* backward (a custom VJP): dh = dy @ W_hᵀ, again a block-sparse product, with W_hᵀ stored as
-  BSC too (the same blocks transposed, ordered by W_h's block rows, so its sum over blocks
-  is a sorted segment sum, no scatter); the weight gradient only for the kept blocks,
-  dW_k = h[:, rows of k]ᵀ @ dy[:, cols of k], shape (nnzb, bh, bw).
+* forward: ``bsc_matmul_xla(h, W_h)``, or on GPUs the Pallas (Triton) kernel of
+  :func:`bsrnn.kernels.bsc_matmul` (:attr:`FrozenBlocks.impl`);
+* backward (a custom VJP): dh = dy @ W_hᵀ (:func:`transposed_matmul`), again a block-sparse
+  product by the same implementation, with W_hᵀ stored as BSC too (the same blocks
+  transposed, ordered by W_h's block rows, so its sum over blocks is a sorted segment sum, no
+  scatter); the weight gradient only for the kept blocks, dW_k = h[:, rows of k]ᵀ @
+  dy[:, cols of k], shape (nnzb, bh, bw).
+
+The layer's recurrence (:func:`bsrnn.cells.hoisted_recurrence`, the default) calls the
+dh-only product (:meth:`SparseRecurrentKernel.transposed_product`) at each backward step and
+this VJP's weight gradient once, over the h of all steps stacked (T·B rows).
 
 The params stay the dense kernels (same params, masks and checkpoints as the masked dense
 layer): each call gathers the kept blocks from them, and the gather's gradient scatters the
@@ -64,8 +70,9 @@ class FrozenBlocks:
       t_col_ptr: (ceil(H/bh) + 1,) int32 column pointers of W_hᵀ.
       impl: how the per-step products h @ W_h and dy @ W_hᵀ run (:func:`bsrnn.kernels.
         bsc_matmul`'s ``impl``): "xla" (:func:`bsrnn.kernels.xla.bsc_matmul_xla`),
-        "pallas" (the Triton kernel, GPUs only), or "auto": "pallas" where the default
-        backend is a GPU, else "xla".
+        "pallas" (the Triton kernel, GPUs only), "pallas_interpret" (the same kernel in
+        the Pallas interpreter, any backend, slow: tests), or "auto": "pallas" where the
+        default backend is a GPU, else "xla".
     """
 
     hidden: int
@@ -160,7 +167,7 @@ def _transposed(blocks_: FrozenBlocks, values: jax.Array) -> BlockSparseMatrix:
                              (len(blocks_.gates) * blocks_.padded, blocks_.hidden), (bw, bh))
 
 
-PRODUCT_IMPLS = ("auto", "xla", "pallas")
+PRODUCT_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
 def _bsc_product(blocks_: FrozenBlocks, x: jax.Array, w: BlockSparseMatrix) -> jax.Array:
@@ -170,7 +177,7 @@ def _bsc_product(blocks_: FrozenBlocks, x: jax.Array, w: BlockSparseMatrix) -> j
         return bsc_matmul_xla(x, w)
     from bsrnn.kernels import bsc_matmul  # the package imports this module's neighbours
 
-    return bsc_matmul(x, w, impl="pallas")
+    return bsc_matmul(x, w, impl=blocks_.product_impl())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

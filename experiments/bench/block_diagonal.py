@@ -1,14 +1,19 @@
 """Training time of P3's block-diagonal recurrent layers run as G independent products
 against the masked dense layer with the same params and masks.
 
-Baseline: ``bsrnn.cells.RecurrentLayer(cell, H, recurrent_mask_init=block_diagonal(G))``, the
-masked dense layer (every step one dense (B, H) @ (H, gates·H) product; the mask only zeroes
-weights). Ours: ``RecurrentLayer(cell, H, recurrent_modules=G)``, the same params and masks,
-each step G products (B, H/G) @ (H/G, gates·H/G) (a batched einsum). The input kernels stay
-dense in both. G = 1 runs the same code twice (the ratio is the noise).
+Baselines, both ``bsrnn.cells.RecurrentLayer(cell, H)`` with P3's block-diagonal masks (every
+step one dense (B, H) @ (H, gates·H) product; the mask only zeroes weights): "masked dense,
+scan autodiff" (``weight_grad="scan"``: plain JAX autodiff of the scan, whose backward adds
+the recurrent weight gradient into a (H, gates·H) accumulator at every step), and "masked
+dense, hoisted VJP" (``weight_grad="hoisted"``, the default: the weight gradient in one
+product after the backward scan). Ours: ``RecurrentLayer(cell, H, recurrent_modules=G)``
+with the hoisted VJP, the same params and masks, each step G products (B, H/G) @
+(H/G, gates·H/G) (a batched einsum). The input kernels stay dense in all. G = 1 runs the
+dense hoisted code again (its ratio against it is the noise). The dense layers' cost does
+not depend on the masks' values, so they are timed once per cell.
 
-Timed, per cell and G, interleaved in one process (median of ``--repeats`` after warm-up),
-each one jitted call:
+Timed, per cell, every variant and G interleaved in one process (median of ``--repeats``
+after warm-up), each one jitted call:
 
 * ``layer``: forward and backward of the layer (gradients of a random projection of the
   outputs w.r.t. the params and the inputs), T steps, inputs of width D = H;
@@ -22,8 +27,8 @@ each one jitted call:
 * ``train step``: a whole optimizer step of the layer on a mean squared error (Adam and
   ``keep_masked``, as P3's ``structural`` method).
 
-The first output row checks that the two compute the same numbers on this device (largest
-difference of the outputs, at the default matmul precision).
+Each G row checks that the G modules compute the masked dense layer's numbers on this device
+(largest difference of the outputs, at the default matmul precision).
 
     python experiments/bench/block_diagonal.py --hidden=512 --steps=32 --repeats=5   # CPU
     python experiments/bench/block_diagonal.py --unroll=8 --json=bd_h200.json \\
@@ -146,35 +151,76 @@ def median_times(thunks: dict[str, Callable[[], Any]], repeats: int) -> dict[str
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench(cell: str, modules: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The timings of one (cell, G) pair; see the module docstring."""
+def block_diagonal_masks(masks: Any, modules: int) -> Any:
+    """``masks`` with every recurrent mask replaced by P3's ``block_diagonal(G)``."""
+    def replace(path, mask):
+        if "recurrent" not in jax.tree_util.keystr(path):
+            return mask
+        return jnp.asarray(blocks.block_diagonal(modules)(mask.shape), bool)
+
+    return jax.tree_util.tree_map_with_path(replace, masks)
+
+
+# The variants timed per cell, by label: the masked dense layer differentiated by plain
+# autodiff of the scan (the old baseline), the masked dense layer with the hoisted VJP, and
+# the G modules with the hoisted VJP (one row per G; G = 1 runs the dense hoisted code again).
+DENSE_SCAN, DENSE_HOISTED = "masked dense, scan autodiff", "masked dense, hoisted VJP"
+
+
+def bench(cell: str, modules_list: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The timings of one cell, every G of ``modules_list``: see the module docstring."""
     kx, kc, kt = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (args.batch, args.steps, args.hidden))
     cotangent = jax.random.normal(kc, (args.batch, args.steps, args.hidden))
     target = jax.random.normal(kt, (args.batch, args.steps, args.hidden))
     common = dict(cell=cell, features=args.hidden, unroll=args.unroll)
-    dense = cells.RecurrentLayer(recurrent_mask_init=blocks.block_diagonal(modules), **common)
-    ours = cells.RecurrentLayer(recurrent_modules=modules, **common)
-    variables = jax.jit(dense.init)(jax.random.key(1), x)
-    y_dense, _ = jax.jit(dense.apply)(variables, x)
-    y_ours, _ = jax.jit(ours.apply)(variables, x)
-    max_diff = float(jnp.max(jnp.abs(y_dense - y_ours)))
-    times = median_times({
-        "dense layer": layer_grad(dense, variables, x, cotangent),
-        "ours layer": layer_grad(ours, variables, x, cotangent),
+    dense_scan = cells.RecurrentLayer(weight_grad="scan", **common)
+    dense_hoisted = cells.RecurrentLayer(weight_grad="hoisted", **common)
+    variables = jax.jit(dense_scan.init)(jax.random.key(1), x)
+    # The dense layers' cost does not depend on the mask's values: timed once, with G_max's.
+    dense_vars = {"params": variables["params"],
+                  "masks": block_diagonal_masks(variables["masks"], max(modules_list))}
+    thunks = {
+        f"{DENSE_SCAN} layer": layer_grad(dense_scan, dense_vars, x, cotangent),
+        f"{DENSE_HOISTED} layer": layer_grad(dense_hoisted, dense_vars, x, cotangent),
+        f"{DENSE_SCAN} step": train_step(dense_scan, dense_vars, x, target),
+        f"{DENSE_HOISTED} step": train_step(dense_hoisted, dense_vars, x, target),
         "input projection": projection_grad(cell, x, args.hidden),
         "dense products": product_scan(cell, args.hidden, 1, args.batch, args.steps),
-        "ours products": product_scan(cell, args.hidden, modules, args.batch, args.steps),
-        "dense step": train_step(dense, variables, x, target),
-        "ours step": train_step(ours, variables, x, target),
-    }, args.repeats)
-    proj = times["input projection"]
-    return {
-        "cell": cell, "modules": modules, "max_abs_diff": max_diff,
-        **{f"{k.replace(' ', '_')}_s": v for k, v in times.items()},
-        "dense_recurrent_s": times["dense layer"] - proj,
-        "ours_recurrent_s": times["ours layer"] - proj,
     }
+    apply_dense = jax.jit(dense_scan.apply)
+    diffs = {}
+    for modules in modules_list:
+        ours = cells.RecurrentLayer(recurrent_modules=modules, weight_grad="hoisted", **common)
+        ours_vars = {"params": variables["params"],
+                     "masks": block_diagonal_masks(variables["masks"], modules)}
+        y_dense, _ = apply_dense(ours_vars, x)
+        y_ours, _ = jax.jit(ours.apply)(ours_vars, x)
+        diffs[modules] = float(jnp.max(jnp.abs(y_dense - y_ours)))
+        thunks[f"G={modules} layer"] = layer_grad(ours, ours_vars, x, cotangent)
+        thunks[f"G={modules} step"] = train_step(ours, ours_vars, x, target)
+        thunks[f"G={modules} products"] = product_scan(cell, args.hidden, modules, args.batch,
+                                                       args.steps)
+    times = median_times(thunks, args.repeats)
+    proj = times["input projection"]
+
+    def row(variant: str, key: str, modules: int, products: str,
+            max_diff: float | None) -> dict[str, Any]:
+        return {"cell": cell, "variant": variant, "modules": modules,
+                "layer_s": times[f"{key} layer"],
+                "recurrent_s": times[f"{key} layer"] - proj, "products_s": times[products],
+                "step_s": times[f"{key} step"], "input_projection_s": proj,
+                "max_abs_diff": max_diff}
+
+    rows = [row(DENSE_SCAN, DENSE_SCAN, 1, "dense products", None),
+            row(DENSE_HOISTED, DENSE_HOISTED, 1, "dense products", None)]
+    rows += [row(f"G={g} modules, hoisted VJP", f"G={g}", g, f"G={g} products", diffs[g])
+             for g in modules_list]
+    for r in rows:
+        for kind in ("layer", "recurrent", "step", "products"):
+            r[f"{kind}_vs_dense_scan"] = rows[0][f"{kind}_s"] / r[f"{kind}_s"]
+            r[f"{kind}_vs_dense_hoisted"] = rows[1][f"{kind}_s"] / r[f"{kind}_s"]
+    return rows
 
 
 def main() -> None:
@@ -196,24 +242,27 @@ def main() -> None:
         f"flax {flax.__version__}, optax {optax.__version__}, python "
         f"{platform.python_version()}\nH={args.hidden} B={args.batch} T={args.steps} "
         f"D={args.hidden} unroll={args.unroll} repeats={args.repeats} float32, default "
-        "matmul precision; ms are medians; ratio = dense / ours"
+        "matmul precision; ms are medians; ratio = that dense variant's time / this row's"
     )
     lines = [header, "",
-             "| cell | G | layer fwd+bwd dense / ours (ms) | ratio | recurrent dense / ours (ms) "
-             "| ratio | products fwd dense / ours (ms) | ratio | train step dense / ours (ms) "
-             "| ratio | max abs diff y |",
+             "| cell | variant | layer fwd+bwd (ms) | ratio vs dense scan / vs dense hoisted "
+             "| recurrent (ms) | ratio vs dense scan / vs dense hoisted | products fwd (ms) "
+             "| ratio vs dense | train step (ms) | ratio vs dense scan / vs dense hoisted "
+             "| max abs diff y |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     rows = []
     for cell in args.cells.split(","):
-        for modules in (int(g) for g in args.modules.split(",")):
-            r = bench(cell, modules, args)
+        for r in bench(cell, [int(g) for g in args.modules.split(",")], args):
             rows.append(r)
             cols = []
             for kind in ("layer", "recurrent", "products", "step"):
-                d, o = r[f"dense_{kind}_s"], r[f"ours_{kind}_s"]
-                cols += [f"{d * 1e3:.2f} / {o * 1e3:.2f}", f"{d / o:.2f}"]
-            lines.append(f"| {cell} | {modules} | {' | '.join(cols)} | {r['max_abs_diff']:.1e} |")
+                cols.append(f"{r[f'{kind}_s'] * 1e3:.2f}")
+                cols.append(f"{r[f'{kind}_vs_dense_hoisted']:.2f}" if kind == "products" else
+                            f"{r[f'{kind}_vs_dense_scan']:.2f} / "
+                            f"{r[f'{kind}_vs_dense_hoisted']:.2f}")
+            diff = "" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+            lines.append(f"| {cell} | {r['variant']} | {' | '.join(cols)} | {diff} |")
             print(lines[-1], flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,20 +1,27 @@
-"""Training steps after the masks freeze: a block-pruned GRU layer run on its kept blocks
+"""Training steps after the masks freeze: a block-pruned layer run on its kept blocks
 (``bsrnn.kernels.sparse_training``) against the masked dense layer, same params and masks.
 
-Baseline: ``bsrnn.cells.RecurrentLayer("gru", H)`` with the masks (every step one dense
-(B, H) @ (H, 3H) product of the masked kernel). Ours: the same layer with
-``frozen_recurrent=sparse_training.freeze(masks, block)``: each step's recurrent product on the
-kept blocks only (``bsc_matmul_xla``), with the custom VJP (dh through W_hᵀ stored
-block-sparse, the weight gradient for the kept blocks only). The recurrent masks prune
-``--sparsity`` of each gate's blocks at random; the input kernels stay dense in both.
+Baselines, both ``bsrnn.cells.RecurrentLayer(cell, H)`` with the masks (every step one dense
+(B, H) @ (H, gates·H) product of the masked kernel): "masked dense, scan autodiff"
+(``weight_grad="scan"``, plain JAX autodiff of the scan, whose backward adds the recurrent
+weight gradient into an (H, gates·H) accumulator at every step) and "masked dense, hoisted
+VJP" (``weight_grad="hoisted"``, the default: the weight gradient in one product after the
+backward scan). Ours: the same layer with ``frozen_recurrent=sparse_training.freeze(masks,
+block, impl)`` and the hoisted VJP: each step's products h @ W_h and dh = dp @ W_hᵀ on the
+kept blocks only (``impl``: "xla" is ``bsc_matmul_xla``, "pallas" the Triton kernel of
+``bsrnn.kernels.bsc_matmul``, "auto" the latter on GPUs), the weight gradient of the kept
+blocks in one product over all steps. ``--old_sparse`` adds the frozen layer with the scan
+autodiff (its custom per-step VJP), the version before the hoisted VJP. The recurrent masks
+prune ``--sparsity`` of each gate's blocks at random; the input kernels stay dense in all.
 
 Timed interleaved in one process (median of ``--repeats`` after two warm-up calls), each one
 jitted call: ``layer`` (forward and backward of the layer, T steps, D = H) and ``train
 step`` (Adam and ``keep_masked`` on a mean squared error, what every step after the freeze
-costs). The largest output difference checks that both compute the same numbers.
+costs). The largest output difference checks that all compute the same numbers.
 
     python experiments/bench/sparse_training.py --hidden=512 --steps=16 --repeats=5   # CPU
-    python experiments/bench/sparse_training.py --json=st_h200.json --markdown=st_h200.md
+    python experiments/bench/sparse_training.py --unroll=8 --impls=xla,pallas \
+        --json=st_h200.json --markdown=st_h200.md                                   # H200
 
 GPU defaults are issue 14's target: GRU 2560, 90% of 16x16 blocks pruned, batch 32
 (target: train step >= 1.5x faster than masked dense).
@@ -67,6 +74,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="sequence length T")
     parser.add_argument("--unroll", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--impls", default="auto",
+                        help="the frozen layer's product impls to time (auto, xla, pallas)")
+    parser.add_argument("--old_sparse", action="store_true",
+                        help="also time the frozen layer with the scan autodiff")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
@@ -79,36 +90,55 @@ def main() -> None:
     variables = jax.jit(dense.init)(jax.random.key(1), x)
     variables = {"params": variables["params"],
                  "masks": random_block_masks(variables["masks"], args.sparsity, block)}
-    ours = dense.clone(frozen_recurrent={"": sparse_training.freeze(
-        {"layer": variables["masks"]}, block)["layer"]})
-    y_dense, _ = jax.jit(dense.apply)(variables, x)
-    y_ours, _ = jax.jit(ours.apply)(variables, x)
-    max_diff = float(jnp.max(jnp.abs(y_dense - y_ours)))
-    times = median_times({
-        "dense layer": layer_grad(dense, variables, x, cotangent),
-        "ours layer": layer_grad(ours, variables, x, cotangent),
-        "dense step": train_step(dense, variables, x, target),
-        "ours step": train_step(ours, variables, x, target),
-    }, args.repeats)
+    layers = {"masked dense, scan autodiff": dense.clone(weight_grad="scan"),
+              "masked dense, hoisted VJP": dense.clone(weight_grad="hoisted")}
+    for impl in args.impls.split(","):
+        frozen = {"": sparse_training.freeze({"layer": variables["masks"]}, block,
+                                             impl)["layer"]}
+        name = f"kept blocks ({frozen[''].product_impl()})"
+        layers[f"{name}, hoisted VJP"] = dense.clone(frozen_recurrent=frozen)
+        if args.old_sparse:
+            layers[f"{name}, scan autodiff"] = dense.clone(frozen_recurrent=frozen,
+                                                          weight_grad="scan")
+    y_ref, _ = jax.jit(dense.apply)(variables, x)
+    max_diff = {name: float(jnp.max(jnp.abs(jax.jit(layer.apply)(variables, x)[0] - y_ref)))
+                for name, layer in layers.items()}
+    thunks = {}
+    for name, layer in layers.items():
+        thunks[f"{name} layer"] = layer_grad(layer, variables, x, cotangent)
+        thunks[f"{name} step"] = train_step(layer, variables, x, target)
+    times = median_times(thunks, args.repeats)
 
     device = jax.devices()[0]
+    base = list(layers)[:2]
     lines = [
         f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, flax "
         f"{flax.__version__}, optax {optax.__version__}, python {platform.python_version()}",
         f"{args.cell} H={args.hidden} B={args.batch} T={args.steps} D={args.hidden} recurrent "
         f"sparsity {args.sparsity} of {block} blocks, unroll={args.unroll}, "
-        f"repeats={args.repeats}, float32; max abs diff y {max_diff:.1e}",
-        "", "| timed | masked dense (ms) | kept blocks (ms) | ratio dense / ours |",
-        "|---|---|---|---|",
+        f"repeats={args.repeats}, float32; ms are medians; ratio = that dense variant's "
+        "time / this row's",
+        "", "| variant | layer fwd+bwd (ms) | ratio vs dense scan / vs dense hoisted "
+        "| train step (ms) | ratio vs dense scan / vs dense hoisted | max abs diff y |",
+        "|---|---|---|---|---|---|",
     ]
-    for kind in ("layer", "step"):
-        d, o = times[f"dense {kind}"], times[f"ours {kind}"]
-        lines.append(f"| {kind} | {d * 1e3:.2f} | {o * 1e3:.2f} | {d / o:.2f} |")
+    rows = []
+    for name in layers:
+        row = {"variant": name, "max_abs_diff": max_diff[name]}
+        cols = []
+        for kind in ("layer", "step"):
+            t = times[f"{name} {kind}"]
+            row[f"{kind}_s"] = t
+            row[f"{kind}_vs_dense_scan"] = times[f"{base[0]} {kind}"] / t
+            row[f"{kind}_vs_dense_hoisted"] = times[f"{base[1]} {kind}"] / t
+            cols += [f"{t * 1e3:.2f}", f"{row[f'{kind}_vs_dense_scan']:.2f} / "
+                     f"{row[f'{kind}_vs_dense_hoisted']:.2f}"]
+        rows.append(row)
+        lines.append(f"| {name} | {' | '.join(cols)} | {max_diff[name]:.1e} |")
     print("\n".join(lines), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "max_abs_diff": max_diff,
-                       **{k.replace(" ", "_") + "_s": v for k, v in times.items()}}, f, indent=1)
+            json.dump({"header": lines[:2], "args": vars(args), "rows": rows}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(lines) + "\n")
