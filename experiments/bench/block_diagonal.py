@@ -27,6 +27,8 @@ after warm-up), each one jitted call:
 * ``train step``: a whole optimizer step of the layer on a mean squared error (Adam and
   ``keep_masked``, as P3's ``structural`` method).
 
+``--timed`` picks which (``layer`` brings ``recurrent``).
+
 Each G row checks that the G modules compute the masked dense layer's numbers on this device
 (largest difference of the outputs, at the default matmul precision).
 
@@ -180,14 +182,17 @@ def bench(cell: str, modules_list: list[int], args: argparse.Namespace) -> list[
     # The dense layers' cost does not depend on the mask's values: timed once, with G_max's.
     dense_vars = {"params": variables["params"],
                   "masks": block_diagonal_masks(variables["masks"], max(modules_list))}
-    thunks = {
-        f"{DENSE_SCAN} layer": layer_grad(dense_scan, dense_vars, x, cotangent),
-        f"{DENSE_HOISTED} layer": layer_grad(dense_hoisted, dense_vars, x, cotangent),
-        f"{DENSE_SCAN} step": train_step(dense_scan, dense_vars, x, target),
-        f"{DENSE_HOISTED} step": train_step(dense_hoisted, dense_vars, x, target),
-        "input projection": projection_grad(cell, x, args.hidden),
-        "dense products": product_scan(cell, args.hidden, 1, args.batch, args.steps),
-    }
+    kinds = args.timed.split(",")
+    thunks = {}
+    if "layer" in kinds:
+        thunks[f"{DENSE_SCAN} layer"] = layer_grad(dense_scan, dense_vars, x, cotangent)
+        thunks[f"{DENSE_HOISTED} layer"] = layer_grad(dense_hoisted, dense_vars, x, cotangent)
+        thunks["input projection"] = projection_grad(cell, x, args.hidden)
+    if "step" in kinds:
+        thunks[f"{DENSE_SCAN} step"] = train_step(dense_scan, dense_vars, x, target)
+        thunks[f"{DENSE_HOISTED} step"] = train_step(dense_hoisted, dense_vars, x, target)
+    if "products" in kinds:
+        thunks["dense products"] = product_scan(cell, args.hidden, 1, args.batch, args.steps)
     apply_dense = jax.jit(dense_scan.apply)
     diffs = {}
     for modules in modules_list:
@@ -197,20 +202,24 @@ def bench(cell: str, modules_list: list[int], args: argparse.Namespace) -> list[
         y_dense, _ = apply_dense(ours_vars, x)
         y_ours, _ = jax.jit(ours.apply)(ours_vars, x)
         diffs[modules] = float(jnp.max(jnp.abs(y_dense - y_ours)))
-        thunks[f"G={modules} layer"] = layer_grad(ours, ours_vars, x, cotangent)
-        thunks[f"G={modules} step"] = train_step(ours, ours_vars, x, target)
-        thunks[f"G={modules} products"] = product_scan(cell, args.hidden, modules, args.batch,
-                                                       args.steps)
+        if "layer" in kinds:
+            thunks[f"G={modules} layer"] = layer_grad(ours, ours_vars, x, cotangent)
+        if "step" in kinds:
+            thunks[f"G={modules} step"] = train_step(ours, ours_vars, x, target)
+        if "products" in kinds:
+            thunks[f"G={modules} products"] = product_scan(cell, args.hidden, modules,
+                                                           args.batch, args.steps)
     times = median_times(thunks, args.repeats)
-    proj = times["input projection"]
+    nan = float("nan")  # kinds not timed
+    proj = times.get("input projection", nan)
 
     def row(variant: str, key: str, modules: int, products: str,
             max_diff: float | None) -> dict[str, Any]:
         return {"cell": cell, "variant": variant, "modules": modules,
-                "layer_s": times[f"{key} layer"],
-                "recurrent_s": times[f"{key} layer"] - proj, "products_s": times[products],
-                "step_s": times[f"{key} step"], "input_projection_s": proj,
-                "max_abs_diff": max_diff}
+                "layer_s": times.get(f"{key} layer", nan),
+                "recurrent_s": times.get(f"{key} layer", nan) - proj,
+                "products_s": times.get(products, nan), "step_s": times.get(f"{key} step", nan),
+                "input_projection_s": proj, "max_abs_diff": max_diff}
 
     rows = [row(DENSE_SCAN, DENSE_SCAN, 1, "dense products", None),
             row(DENSE_HOISTED, DENSE_HOISTED, 1, "dense products", None)]
@@ -232,9 +241,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="sequence length T")
     parser.add_argument("--unroll", type=int, default=1, help="lax.scan unroll (GPU: 8)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--timed", default="layer,products,step",
+                        help="what to time: any of layer, products, step")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--markdown", default=None, help="write the table here")
     args = parser.parse_args()
+    if not args.timed or set(args.timed.split(",")) - {"layer", "products", "step"}:
+        parser.error(f"--timed={args.timed!r}: give some of layer, products, step")
 
     device = jax.devices()[0]
     header = (
@@ -244,19 +257,21 @@ def main() -> None:
         f"D={args.hidden} unroll={args.unroll} repeats={args.repeats} float32, default "
         "matmul precision; ms are medians; ratio = that dense variant's time / this row's"
     )
-    lines = [header, "",
-             "| cell | variant | layer fwd+bwd (ms) | ratio vs dense scan / vs dense hoisted "
-             "| recurrent (ms) | ratio vs dense scan / vs dense hoisted | products fwd (ms) "
-             "| ratio vs dense | train step (ms) | ratio vs dense scan / vs dense hoisted "
-             "| max abs diff y |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    kinds = [k for k in ("layer", "recurrent", "products", "step")
+             if k in args.timed.split(",") or (k == "recurrent" and "layer" in args.timed)]
+    titles = {"layer": "layer fwd+bwd (ms) | ratio vs dense scan / vs dense hoisted",
+              "recurrent": "recurrent (ms) | ratio vs dense scan / vs dense hoisted",
+              "products": "products fwd (ms) | ratio vs dense",
+              "step": "train step (ms) | ratio vs dense scan / vs dense hoisted"}
+    lines = [header, "", f"| cell | variant | {' | '.join(titles[k] for k in kinds)} "
+             "| max abs diff y |", "|---|---|" + "---|---|" * len(kinds) + "---|"]
     print("\n".join(lines), flush=True)
     rows = []
     for cell in args.cells.split(","):
         for r in bench(cell, [int(g) for g in args.modules.split(",")], args):
             rows.append(r)
             cols = []
-            for kind in ("layer", "recurrent", "products", "step"):
+            for kind in kinds:
                 cols.append(f"{r[f'{kind}_s'] * 1e3:.2f}")
                 cols.append(f"{r[f'{kind}_vs_dense_hoisted']:.2f}" if kind == "products" else
                             f"{r[f'{kind}_vs_dense_scan']:.2f} / "
