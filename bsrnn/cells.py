@@ -672,8 +672,9 @@ hoisted_recurrence.defvjp(_hoisted_fwd, _hoisted_bwd)
 
 
 def _fold_time(a: jax.Array) -> jax.Array:
-    """(T, ..., B, F) -> (..., T·B, F): the steps stacked along the batch axis."""
-    a = jnp.moveaxis(a, 0, -3)
+    """(T, ..., B, F) -> (..., B·T, F): the steps stacked along the batch axis, batch-major,
+    so that a batch sharded over devices (``bsrnn.sharding``) stays a contiguous split."""
+    a = jnp.moveaxis(a, 0, -2)
     return a.reshape(*a.shape[:-3], -1, a.shape[-1])
 
 
