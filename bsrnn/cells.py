@@ -9,7 +9,9 @@ whose boolean mask lives in the ``masks`` collection at the same path as the ker
 Gate kernels are separate params (``input_r``, ``recurrent_r``, ... for the GRU), so each
 gate's matrix is tiled and pruned on its own; the layer concatenates the masked gate kernels
 once per call, projects the inputs of all time steps in one product outside the scan, and
-runs one fused (H, gates·H) product per step inside ``jax.lax.scan``.
+runs one fused (H, gates·H) product per step inside ``jax.lax.scan``. Its backward pass
+(:func:`hoisted_recurrence`, a custom VJP) computes the recurrent weight gradient once, after
+the backward scan, as one product over all steps.
 
 Cell equations (PyTorch/cuDNN formulation; x_t the input, h the state):
 
