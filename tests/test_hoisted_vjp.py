@@ -124,7 +124,6 @@ def frozen_layer(layer, masks):
 CASES = [  # (cell, recurrent kernel, reverse); every cell's dense scan is tested above
     ("gru", "dense", True), ("gru", "G=2", False), ("lstm", "G=4", True),
     ("rnn_clipped_relu", "G=2", True), ("gru", "frozen", False), ("lstm", "frozen", True),
-    ("rnn", "frozen", True),
 ]
 
 
