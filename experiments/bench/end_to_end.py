@@ -242,7 +242,8 @@ def main() -> None:
     parser.add_argument("--an4", default=configs.data_path("an4"), help="AN4 folder")
     parser.add_argument("--length", type=int, default=2000, help="tokens sampled per call")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--skip", default="", help="comma-separated: lm, ds2")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: lm, ds2, and the DS2 columns unpruned, separate")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
@@ -298,8 +299,11 @@ def main() -> None:
             folder, args.ds2_features, cell=args.ds2_cell,
             bidirectional=args.ds2_bidirectional)
         exported = inference.load(path)
-        others = {"unpruned": inference.load(unpruned_copy(path, folder))}
-        if any(isinstance(d, inference.Bidirectional) for d in exported.weights.layers):
+        others = {}
+        if "unpruned" not in skip:
+            others["unpruned"] = inference.load(unpruned_copy(path, folder))
+        if "separate" not in skip and any(isinstance(d, inference.Bidirectional)
+                                          for d in exported.weights.layers):
             others["separate"] = inference.load(path, fuse_directions=False)
         model, variables = inference.masked_dense(path)
         feats, source = utterances(args.an4)
