@@ -320,9 +320,10 @@ def main() -> None:
             results["ds2"][f"batch_{batch}"] = speed.compare_transcription(
                 exported, model, variables, chosen, repeats=args.repeats, others=others)
             results["ds2"][f"batch_{batch}"]["frames"] = int(sum(len(f) for f in chosen))
-            results["ds2"][f"batch_{batch}"]["impls"] = _impls(
-                exported.weights_for_frames(*data.pad_sequences(
-                    chosen, multiple=exported.pad_multiple)[0].shape[:2]))
+            shape = data.pad_sequences(chosen, multiple=exported.pad_multiple)[0].shape[:2]
+            for name, m in {"sparse": exported, **others}.items():
+                results["ds2"][f"batch_{batch}"][f"{name}_impls"] = _impls(
+                    m.weights_for_frames(*shape))
 
     text = markdown(results)
     print(text)
@@ -390,7 +391,7 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {key.split('_')[1]} | {cell(r, 'sparse')} | {cell(r, 'separate')} | "
                 f"{cell(r, 'unpruned')} | {cell(r, 'dense')} | {' | '.join(ratios)} | "
-                f"{', '.join(r.get('impls', []))} |")
+                f"{', '.join(r.get('sparse_impls', []))} |")
     return "\n".join(lines)
 
 
