@@ -156,14 +156,20 @@ def test_auto_layers_get_the_measured_choice_before_jit(tmp_path, winner):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("cell, bidirectional, row_conv", [
-    ("gru", False, 2), ("rnn_clipped_relu", True, 0), ("lstm", True, 1),
+def _depth_layers(depth):
+    return (depth.forward, depth.backward) if isinstance(depth, inference.Bidirectional) \
+        else depth
+
+
+@pytest.mark.parametrize("cell, bidirectional, row_conv, hidden", [
+    ("gru", False, 2, 10), ("rnn_clipped_relu", True, 0, 10),  # H = 10: no 4x4 pair
+    ("lstm", True, 1, 8),  # the directions' block-diagonal pair exists
 ])
 def test_ds2_logits_equal_the_masked_dense_model_with_lengths(tmp_path, cell, bidirectional,
-                                                              row_conv):
+                                                              row_conv, hidden):
     rng = np.random.default_rng(2)
     kwargs = dict(num_classes=6, conv_features=(3, 2), conv_kernels=((3, 3), (2, 3)),
-                  conv_strides=((2, 2), (1, 1)), cell=cell, features=10, num_layers=2,
+                  conv_strides=((2, 2), (1, 1)), cell=cell, features=hidden, num_layers=2,
                   bidirectional=bidirectional, row_conv_context=row_conv, fc_features=9)
     model = ds2.Model(**kwargs)
     lengths = jnp.asarray([13, 5, 0, 9], jnp.int32)
@@ -182,9 +188,18 @@ def test_ds2_logits_equal_the_masked_dense_model_with_lengths(tmp_path, cell, bi
     np.testing.assert_array_equal(got_lengths, want_lengths)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     kernels_used = [layer.sparse is not None for depth in loaded.weights.layers
-                    for layer in depth]
+                    for layer in _depth_layers(depth)]
     assert all(kernels_used)  # every cell, the LSTM included, runs on the kernels
     assert isinstance(loaded.weights.fc.kernel, BlockSparseMatrix)
+    fused = [isinstance(depth, inference.Bidirectional) for depth in loaded.weights.layers]
+    assert fused == [bidirectional] * 2
+    if bidirectional:
+        assert all((d.pair is None) == (hidden % 4 != 0) for d in loaded.weights.layers)
+    if cell == "lstm":  # both directions in one recurrence: the numbers of the two scans
+        unfused = inference.load(path, fuse_directions=False)
+        assert all(isinstance(d, tuple) for d in unfused.weights.layers)
+        separate, _ = unfused(features, lengths)
+        np.testing.assert_allclose(got, separate, rtol=1e-5, atol=1e-6)
     if cell != "gru":
         return
     # Transcripts: greedy CTC of the reference logits.

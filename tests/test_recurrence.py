@@ -620,3 +620,89 @@ def test_weights_of_a_layer_with_input_norm_are_refused():
     variables = RecurrentLayer("gru", 8, input_norm=True).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="projection_norm"):
         kernels.sparse_gru_weights(variables["params"], variables["masks"], (4, 4))
+
+
+# Both directions of a bidirectional layer as one recurrence (`sparse_bidirectional`).
+BIDIRECTIONAL_CASES = [  # cell, hidden, block shape (None: no pair), impl
+    ("gru", 8, (4, 4), "dense"), ("gru", 8, (4, 4), "xla"),
+    ("gru", 8, (4, 4), "pallas_interpret"), ("lstm", 8, (4, 4), "dense"),
+    ("lstm", 8, (2, 4), "xla"), ("rnn_clipped_relu", 8, (4, 8), "dense"),
+    ("gru", 10, (4, 4), "xla"),  # bh, bw do not divide H: no pair, falls back to separate
+]
+
+
+@pytest.mark.parametrize("cell, hidden, block_shape, impl", BIDIRECTIONAL_CASES)
+def test_bidirectional_equals_the_two_directions_run_separately(cell, hidden, block_shape,
+                                                                impl):
+    # Two independent random layers, lengths with padding (T, 0, partial), random initial
+    # carries of both directions; the reference is each direction's own sequence (xla),
+    # itself tested against RecurrentLayer above.
+    build, run = SEQUENCE[cell]
+    params_f, masks_f, x, h_f = _layer_case(31, hidden, block_shape, batch=4, steps=5,
+                                            cell=cell)
+    params_b, masks_b, _, h_b = _layer_case(32, hidden, block_shape, batch=4, steps=5,
+                                            cell=cell)
+    forward, backward = build(params_f, masks_f, block_shape), build(params_b, masks_b,
+                                                                     block_shape)
+    weights = kernels.bidirectional_weights(forward, backward)
+    assert (weights.pair is None) == bool(hidden % block_shape[0] or hidden % block_shape[1])
+    carry0 = (_carry0(cell, h_f, 31), _carry0(cell, h_b, 32))
+    lengths = jnp.asarray([5, 0, 3, 1], jnp.int32)
+
+    @jax.jit  # one program: fewer compiles
+    def both(x, carry0, lengths):
+        with jax.default_matmul_precision("highest"):
+            want = [run(x, w, c, lengths=lengths, reverse=r, impl="xla", unroll=2) for w, c, r
+                    in zip((forward, backward), carry0, (False, True), strict=True)]
+            return want, kernels.sparse_bidirectional(x, weights, carry0, lengths=lengths,
+                                                      impl=impl, unroll=2)
+
+    want, (outputs, finals) = both(jnp.asarray(x), carry0, lengths)
+    for d in (0, 1):
+        assert outputs[d].shape == (4, 5, hidden)
+        np.testing.assert_allclose(outputs[d], want[d][0], rtol=1e-5, atol=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                                       atol=1e-6),
+                               finals[d], want[d][1])
+        np.testing.assert_array_equal(np.asarray(outputs[d])[1], 0.0)  # length 0
+        np.testing.assert_array_equal(np.asarray(outputs[d])[2, 3:], 0.0)
+
+
+def test_bidirectional_pair_kernel_is_block_diagonal():
+    # The pair's recurrent kernel, densified, is [[W_f, 0], [0, W_b]] gate by gate.
+    build, _ = SEQUENCE["lstm"]
+    params_f, masks_f, *_ = _layer_case(33, 8, (4, 2), cell="lstm")
+    params_b, masks_b, *_ = _layer_case(34, 8, (4, 2), cell="lstm")
+    forward, backward = build(params_f, masks_f, (4, 2)), build(params_b, masks_b, (4, 2))
+    pair = np.asarray(kernels.bsc.to_dense(kernels.bidirectional_weights(forward,
+                                                                         backward).pair.w_h))
+    for g, gate in enumerate(GATES["lstm"]):
+        for d, (params, masks) in enumerate(((params_f, masks_f), (params_b, masks_b))):
+            want = np.where(masks[f"recurrent_{gate}"]["kernel"],
+                            params[f"recurrent_{gate}"]["kernel"], 0)
+            cols = slice(g * 16 + d * 8, g * 16 + d * 8 + 8)
+            np.testing.assert_array_equal(pair[d * 8:d * 8 + 8, cols], want)
+            np.testing.assert_array_equal(pair[(1 - d) * 8:(1 - d) * 8 + 8, cols], 0.0)
+    with pytest.raises(ValueError, match="same"):
+        kernels.bidirectional_weights(forward, build(params_b, masks_b, (2, 2)))
+
+
+@pytest.mark.parametrize("winner", ["xla", "separate"])
+def test_auto_times_the_fused_forms_against_the_separate_scans(winner):
+    params_f, masks_f, x, _ = _layer_case(35, 8, (4, 4))
+    params_b, masks_b, *_ = _layer_case(36, 8, (4, 4))
+    weights = kernels.bidirectional_weights(kernels.sparse_gru_weights(params_f, masks_f, (4, 4)),
+                                            kernels.sparse_gru_weights(params_b, masks_b, (4, 4)))
+    if ON_GPU and winner == "xla":
+        winner = "pallas"
+    seconds = dict(dense=2.0, xla=9.0, pallas=9.0, persistent=9.0, mosaic=9.0, separate=3.0)
+    seconds.update({winner: 1.0})
+    with kernels.autotune.using_timer(_fake_timer(seconds)):
+        assert kernels.resolve_bidirectional_impl(weights, 3, 5) == winner
+        decisions = kernels.autotune.decisions()
+    (fused,) = [d for k, d in decisions.items() if k.startswith("sparse_bidirectional")]
+    assert {"dense", "separate"} <= set(fused["times_s"])
+    if not ON_GPU:
+        assert set(fused["times_s"]) == {"dense", "xla", "separate"}
+    # "separate" measured each direction's own choice first (two more decisions).
+    assert len(decisions) == 3

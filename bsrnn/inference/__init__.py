@@ -17,6 +17,10 @@ Every layer runs from the exported arrays through one function per layer kind:
   whole-sequence functions (`sparse_gru`, `sparse_lstm`, `sparse_rnn`, which take lengths and
   a direction) when the layer's recurrent kernels are block-sparse with one block shape;
   otherwise the masked dense computation of `bsrnn.cells.RecurrentLayer`.
+* `bidirectional` (a DS2 depth whose two directions both run on the kernels): the two as ONE
+  recurrence, `bsrnn.kernels.sparse_bidirectional` (T sequential steps, not 2T; `auto` times
+  that against the two separate scans). `load(fuse_directions=False)` runs them one after
+  the other, as `recurrent` does.
 * DS2's convolutions and row convolution (never pruned) run the model's own Flax modules.
 
 `impl="dense"` runs every layer masked dense: the same numbers (the tests check it against
@@ -105,6 +109,32 @@ class Recurrent:
     input_norm: bool = _static(default=False)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Bidirectional:
+    """A bidirectional depth whose two directions run as one recurrence on the kernels.
+
+    Attributes:
+      forward, backward: the two `Recurrent` layers (both on the kernels; their `impl`s are
+        what "separate" runs).
+      pair: `bsrnn.kernels.BidirectionalWeights.pair` (the two recurrent kernels as one
+        block-diagonal 2H layer), or None where the blocks do not tile H.
+      impl: `kernels.sparse_bidirectional`'s: "auto", "dense", "separate" or a kernel
+        (static).
+    """
+
+    forward: Recurrent
+    backward: Recurrent
+    pair: Any
+    impl: str = _static(default="auto")
+
+    @property
+    def kernel_weights(self) -> kernels.BidirectionalWeights:
+        """The kernels' `BidirectionalWeights` of this depth."""
+        return kernels.BidirectionalWeights(self.forward.sparse, self.backward.sparse,
+                                            self.pair)
+
+
 def linear(layer: Linear, x: jax.Array) -> jax.Array:
     """(..., D) -> (..., F): `bsc_matmul` for a block-sparse kernel, `jnp.dot` otherwise."""
     if isinstance(layer.kernel, BlockSparseMatrix):
@@ -145,6 +175,37 @@ def recurrent(
     return outputs, last
 
 
+def bidirectional(
+    layer: Bidirectional, x: jax.Array, carry: Any = None, lengths: jax.Array | None = None
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, Any]]:
+    """A bidirectional depth over a padded batch, both directions in one recurrence.
+
+    Args:
+      layer: the depth's weights.
+      x: (B, T, D) inputs.
+      carry: (forward's, backward's) initial carries (as `recurrent` takes them), or None.
+      lengths: (B,) valid steps (None: all T).
+
+    Returns:
+      (forward outputs, backward outputs), each (B, T, H), and the two final carries: what
+      `recurrent` gives for each direction.
+    """
+    return kernels.sparse_bidirectional(x, layer.kernel_weights, carry, lengths=lengths,
+                                        impl=layer.impl,
+                                        separate=(layer.forward.impl, layer.backward.impl))
+
+
+def _paired(depth: tuple[Recurrent, ...], fuse: bool) -> tuple[Recurrent, ...] | Bidirectional:
+    """A DS2 depth as `load` runs it: a `Bidirectional` when ``fuse`` and both directions
+    are on the kernels, else the layers as they are (run one after the other)."""
+    if not (fuse and len(depth) == 2 and all(layer.sparse is not None for layer in depth)):
+        return depth
+    forward, backward = depth
+    pair = kernels.bidirectional_weights(forward.sparse, backward.sparse).pair
+    return Bidirectional(forward, backward, jax.tree_util.tree_map(jnp.asarray, pair),
+                         forward.impl)
+
+
 def measured(weights: Any, batch: int, steps: int, rows: int | None = None) -> Any:
     """``weights`` with each "auto" layer's `impl` replaced by the kernels' measured choice
     for inputs of ``batch`` rows and ``steps`` time steps (recurrent layers) and ``rows``
@@ -157,6 +218,12 @@ def measured(weights: Any, batch: int, steps: int, rows: int | None = None) -> A
     rows = batch * steps if rows is None else rows
 
     def resolve(layer: Any) -> Any:
+        if isinstance(layer, Bidirectional):  # the directions first: "separate" runs them
+            forward, backward = resolve(layer.forward), resolve(layer.backward)
+            layer = dataclasses.replace(layer, forward=forward, backward=backward)
+            return dataclasses.replace(layer, impl=kernels.resolve_bidirectional_impl(
+                layer.kernel_weights, batch, steps, impl=layer.impl,
+                separate=(forward.impl, backward.impl)))
         if isinstance(layer, Recurrent) and layer.sparse is not None and layer.impl == "auto":
             return dataclasses.replace(
                 layer, impl=kernels.resolve_impl(layer.sparse, batch, steps))
@@ -166,8 +233,8 @@ def measured(weights: Any, batch: int, steps: int, rows: int | None = None) -> A
                 layer.kernel, rows, layer.kernel.dtype))
         return layer
 
-    return jax.tree_util.tree_map(resolve, weights,
-                                  is_leaf=lambda x: isinstance(x, Recurrent | Linear))
+    return jax.tree_util.tree_map(
+        resolve, weights, is_leaf=lambda x: isinstance(x, Recurrent | Linear | Bidirectional))
 
 
 # ----------------------------------------------------------------------------------------
@@ -440,7 +507,8 @@ class DS2Weights:
     """A DS2 model's layers (see `bsrnn.models.ds2`)."""
 
     conv: tuple[dict, ...]
-    layers: tuple[tuple[Recurrent, ...], ...]  # per depth: (fwd,) or (fwd, bwd)
+    # per depth: (fwd,), (fwd, bwd) run one after the other, or a Bidirectional
+    layers: tuple[tuple[Recurrent, ...] | Bidirectional, ...]
     row_conv: Any
     fc: Linear
     output: Linear
@@ -462,7 +530,9 @@ def ds2_forward(weights: DS2Weights, features: jax.Array, lengths: jax.Array
         x = ds2._zero_padding(ds2.clipped_relu(x), lengths)
     x = x.reshape(x.shape[0], x.shape[1], -1)
     for depth in weights.layers:
-        x = jnp.concatenate([recurrent(layer, x, None, lengths)[0] for layer in depth], -1)
+        outputs = (bidirectional(depth, x, None, lengths)[0] if isinstance(depth, Bidirectional)
+                   else [recurrent(layer, x, None, lengths)[0] for layer in depth])
+        x = jnp.concatenate(outputs, -1)
     if weights.row_conv is not None:
         context = weights.row_conv["kernel"].shape[0] - 1
         x = ds2._zero_padding(ds2.RowConv(context).apply({"params": weights.row_conv}, x),
@@ -596,8 +666,8 @@ def masked_dense(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     return model, {"params": export._unflatten(dense), "masks": export._unflatten(masks)}
 
 
-def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None
-         ) -> LanguageModel | SpeechModel:
+def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None,
+         fuse_directions: bool = True) -> LanguageModel | SpeechModel:
     """Loads an exported model (`bsrnn.export`, e.g. a run's `<workdir>/model.npz`).
 
     Args:
@@ -608,6 +678,8 @@ def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None
         "pallas_interpret") forced for every sparse kernel.
       dtype: computation dtype ("float32", "float16", "bfloat16"); default float32 on CPUs
         (half precision is emulated there) and the file's dtype elsewhere.
+      fuse_directions: run each bidirectional DS2 depth whose directions are on the kernels
+        as one recurrence (`Bidirectional`); False: the directions one after the other.
 
     Returns:
       A `LanguageModel` or a `SpeechModel`.
@@ -633,9 +705,9 @@ def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None
             return LanguageModel(weights, info)
         rnn = params["rnn"]
         suffixes = ("_fwd", "_bwd") if kwargs.get("bidirectional", True) else ("",)
-        layers = tuple(
+        layers = tuple(_paired(
             tuple(_recurrent(rnn[f"layer_{i}{s}"], cell, impl, dtype, reverse=s == "_bwd")
-                  for s in suffixes)
+                  for s in suffixes), fuse_directions)
             for i in range(int(kwargs.get("num_layers", 3))))
         num_conv = len(kwargs.get("conv_features", (32, 32)))
         weights = DS2Weights(

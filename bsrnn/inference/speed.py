@@ -114,13 +114,19 @@ def compare_scoring(
 def compare_transcription(
     exported: SpeechModel, model: Any, variables: Mapping, features: list[np.ndarray], *,
     frames_per_second: float = 100.0, repeats: int = 5,
+    others: Mapping[str, SpeechModel] | None = None,
 ) -> dict[str, float]:
     """Greedy CTC transcripts of one padded batch of normalised (T_i, F) features.
+
+    ``others``: more exported models (e.g. loaded with `fuse_directions=False`, or the
+    same model unpruned) timed in the same interleaved loop, by name.
 
     Returns:
       `sparse_utterances_per_s`, `dense_utterances_per_s`, `speedup`, and
       `sparse_real_time_factor`, `dense_real_time_factor` (compute seconds per second of
-      audio, `frames_per_second` frames a second: AN4's cepstra are 100 per second).
+      audio, `frames_per_second` frames a second: AN4's cepstra are 100 per second); for
+      each of ``others`` `<name>_utterances_per_s`, `<name>_real_time_factor` and
+      `<name>_speedup` (dense time / its time).
     """
     from bsrnn import data
 
@@ -137,8 +143,14 @@ def compare_transcription(
     weights = exported.weights_for_frames(*padded.shape[:2])
     fns = {"sparse": lambda: sparse(weights, padded, lengths),
            "dense": lambda: dense(dict(variables), padded, lengths)}
+    for name, other in (others or {}).items():
+        if name in fns:
+            raise ValueError(f"others may not be named {sorted(fns)}, got {name!r}")
+        fns[name] = functools.partial(sparse, other.weights_for_frames(*padded.shape[:2]),
+                                      padded, lengths)
     seconds = interleaved_medians(fns, repeats)
     out = _rates(seconds, len(features), "utterances_per_s")
+    out.update({f"{name}_speedup": seconds["dense"] / seconds[name] for name in others or {}})
     audio = float(np.sum([len(f) for f in features])) / frames_per_second
     out.update({f"{side}_real_time_factor": s / audio for side, s in seconds.items()})
     return out

@@ -3,7 +3,8 @@
 `bsc_matmul(x, w)` computes y = x @ K for a `bsrnn.kernels.bsc.BlockSparseMatrix` K;
 `sparse_gru`, `sparse_lstm` and `sparse_rnn` run whole sequences with block-sparse recurrent
 weights (`bsrnn.kernels.recurrence`), with `lengths` and `reverse` as in
-`bsrnn.cells.RecurrentLayer`. Each takes `impl=`; the default "auto" runs the fastest
+`bsrnn.cells.RecurrentLayer`; `sparse_bidirectional` runs a bidirectional layer's two
+directions as one recurrence. Each takes `impl=`; the default "auto" runs the fastest
 implementation measured on this device for these sizes, the dense product included
 (`bsrnn.kernels.autotune`), so it is never slower than dense.
 """
@@ -20,14 +21,18 @@ from bsrnn.kernels import autotune
 from bsrnn.kernels.bsc import BlockSparseMatrix, dense_kernel
 from bsrnn.kernels.pallas_gpu import bsc_matmul_pallas
 from bsrnn.kernels.recurrence import (
+    BidirectionalWeights,
     ResourceError,
     SparseGRUWeights,
     SparseLSTMWeights,
     SparseRNNWeights,
+    bidirectional_weights,
     gru_input_projection,
     gru_recurrence,
     input_projection,
+    resolve_bidirectional_impl,
     resolve_impl,
+    sparse_bidirectional,
     sparse_gru,
     sparse_gru_weights,
     sparse_lstm,
@@ -38,6 +43,7 @@ from bsrnn.kernels.recurrence import (
 from bsrnn.kernels.xla import bsc_matmul_xla
 
 __all__ = [
+    "BidirectionalWeights",
     "ResourceError",
     "SparseGRUWeights",
     "SparseLSTMWeights",
@@ -46,11 +52,14 @@ __all__ = [
     "bsc_matmul",
     "bsc_matmul_pallas",
     "bsc_matmul_xla",
+    "bidirectional_weights",
     "gru_input_projection",
     "gru_recurrence",
     "input_projection",
     "matmul_impl",
+    "resolve_bidirectional_impl",
     "resolve_impl",
+    "sparse_bidirectional",
     "sparse_gru",
     "sparse_gru_weights",
     "sparse_lstm",

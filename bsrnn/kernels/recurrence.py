@@ -585,6 +585,28 @@ def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any = No
     if impl != "auto":
         return impl
     dtype = _recurrence_dtype(weights) if dtype is None else dtype
+    candidates = _candidates(weights, batch, steps, dtype)
+    key = autotune.key(f"sparse_{weights.cell.split('_')[0]}", cell=weights.cell,
+                       d=int(np.shape(weights.w_i)[0]), h=weights.hidden,
+                       block=weights.block_shape, nnzb=weights.w_h.nnzb, batch=batch,
+                       steps=steps, dtype=jnp.dtype(dtype).name)
+
+    def make(name: str) -> Callable[[], Any]:
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((batch, steps, np.shape(weights.w_i)[0])), dtype)
+        # The weights are closed over, as a caller who wants `auto` to measure passes them
+        # (and as the Mosaic kernel needs them: it re-lays them out on the host).
+        fn = jax.jit(lambda x: _sequence(x, weights, None, None, False, name, 16, {})[0])
+        return lambda: fn(x)
+
+    return autotune.choose(key, candidates, make, measurable=autotune.is_concrete(weights),
+                           fallback=("xla",))
+
+
+def _candidates(weights: SparseWeights, batch: int, steps: int, dtype: Any
+                ) -> dict[str, Callable[[], str | None]]:
+    """`auto`'s candidates for these weights: {impl: resource check (None: can run here,
+    else the reason it cannot)}, the dense scan first."""
     on_gpu = jax.default_backend() == "gpu"
     gpu = (lambda: None) if on_gpu else (lambda: "needs a GPU")
     candidates: dict[str, Callable[[], str | None]] = {"dense": lambda: None,
@@ -608,21 +630,7 @@ def resolve_impl(weights: SparseWeights, batch: int, steps: int, dtype: Any = No
             return module.unsupported(weights, batch)
 
         candidates["mosaic"] = mosaic
-    key = autotune.key(f"sparse_{weights.cell.split('_')[0]}", cell=weights.cell,
-                       d=int(np.shape(weights.w_i)[0]), h=weights.hidden,
-                       block=weights.block_shape, nnzb=weights.w_h.nnzb, batch=batch,
-                       steps=steps, dtype=jnp.dtype(dtype).name)
-
-    def make(name: str) -> Callable[[], Any]:
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((batch, steps, np.shape(weights.w_i)[0])), dtype)
-        # The weights are closed over, as a caller who wants `auto` to measure passes them
-        # (and as the Mosaic kernel needs them: it re-lays them out on the host).
-        fn = jax.jit(lambda x: _sequence(x, weights, None, None, False, name, 16, {})[0])
-        return lambda: fn(x)
-
-    return autotune.choose(key, candidates, make, measurable=autotune.is_concrete(weights),
-                           fallback=("xla",))
+    return candidates
 
 
 def _final_and_outputs(seqs: tuple[jax.Array, ...], carry0: tuple[jax.Array, ...],
@@ -643,9 +651,9 @@ def _final_and_outputs(seqs: tuple[jax.Array, ...], carry0: tuple[jax.Array, ...
     return jnp.where(valid, outputs, jnp.zeros((), outputs.dtype)), final
 
 
-def _sequence(x: jax.Array, weights: SparseWeights, carry0: Any, lengths: jax.Array | None,
-              reverse: bool, impl: str, unroll: int, options: dict[str, Any]):
-    """The one place for lengths and direction, shared by every cell and implementation."""
+def _checked_inputs(x: jax.Array, weights: SparseWeights, carry0: Any,
+                    lengths: jax.Array | None) -> tuple[int, int, Any, Any, Any]:
+    """(batch, steps, computation dtype, initial carry, lengths), checked."""
     if x.ndim != 3:
         raise ValueError(f"x must be (B, T, D), got shape {x.shape}")
     batch, steps, _ = x.shape
@@ -656,12 +664,25 @@ def _sequence(x: jax.Array, weights: SparseWeights, carry0: Any, lengths: jax.Ar
         if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
             raise ValueError(f"lengths must be ({batch},) integers, got {lengths.shape} "
                              f"{lengths.dtype}")
+    return batch, steps, dtype, carry0, lengths
+
+
+def _in_direction(a: jax.Array, lengths: jax.Array | None, reverse: bool) -> jax.Array:
+    """(B, T, ...) as the direction reads it: unchanged forward; reversed within each
+    row's length (the whole T without lengths) backward. Its own inverse."""
+    if not reverse:
+        return a
+    return jnp.flip(a, 1) if lengths is None else cells.reverse_sequences(a, lengths)
+
+
+def _sequence(x: jax.Array, weights: SparseWeights, carry0: Any, lengths: jax.Array | None,
+              reverse: bool, impl: str, unroll: int, options: dict[str, Any]):
+    """The one place for lengths and direction, shared by every cell and implementation."""
+    batch, steps, dtype, carry0, lengths = _checked_inputs(x, weights, carry0, lengths)
     if options and impl == "auto":
         raise ValueError(f"kernel options {sorted(options)} need a forced impl=")
     impl = resolve_impl(weights, batch, steps, dtype, impl)
-    if reverse:
-        x = jnp.flip(x, 1) if lengths is None else cells.reverse_sequences(x, lengths)
-    xp = input_projection(x, weights).astype(dtype)
+    xp = input_projection(_in_direction(x, lengths, reverse), weights).astype(dtype)
     parts = carry0 if weights.cell == "lstm" else (carry0,)
     if steps == 0:
         seqs = tuple(jnp.zeros((0, batch, weights.hidden), dtype) for _ in parts)
@@ -669,9 +690,7 @@ def _sequence(x: jax.Array, weights: SparseWeights, carry0: Any, lengths: jax.Ar
         seqs = _recurrence(xp, weights, carry0, impl, unroll, options)
         seqs = seqs if weights.cell == "lstm" else (seqs,)
     outputs, final = _final_and_outputs(seqs, parts, lengths, steps)
-    if reverse:
-        outputs = jnp.flip(outputs, 1) if lengths is None else cells.reverse_sequences(
-            outputs, lengths)
+    outputs = _in_direction(outputs, lengths, reverse)
     return outputs, final if weights.cell == "lstm" else final[0]
 
 
@@ -795,3 +814,241 @@ sparse_rnn.__doc__ = ("A whole vanilla-RNN sequence forward, like `RecurrentLaye
                       "h_{t-1} W_h + b), W_h block-sparse.\n") + _SEQUENCE_ARGS.format(
     builder="sparse_rnn_weights", carry="h0: (B, H) initial state; zeros if None.",
     kernels=_STEP_KERNEL, final="h (B, H), each row's state after its last valid step")
+
+
+# ----------------------------------------------------------------------------------------
+# Both directions of a bidirectional layer as one recurrence.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BidirectionalWeights:
+    """A bidirectional layer's two directions, prepared to run as one recurrence
+    (`sparse_bidirectional`; built by `bidirectional_weights`).
+
+    Attributes:
+      forward, backward: each direction's prepared weights (same cell, H, D, block shape
+        and dtype).
+      pair: the two directions' recurrences as one layer of 2H units, for the block-sparse
+        implementations: its recurrent kernel (2H, gates·2H) is block-diagonal (forward's h,
+        rows 0..H-1, feeds forward's gate columns; backward's, rows H..2H-1, backward's),
+        each gate's 2H columns [forward's H | backward's H] in the layout every kernel
+        reads; the GRU's b_hn likewise [forward's | backward's]. Its w_i and input biases
+        are None (each direction projects its own input). None when bh or bw does not
+        divide H (a block would straddle the two directions).
+    """
+
+    forward: SparseWeights
+    backward: SparseWeights
+    pair: SparseWeights | None
+
+    @property
+    def cell(self) -> str:
+        """The directions' cell."""
+        return self.forward.cell
+
+
+def _pair_recurrent_kernel(forward: BlockSparseMatrix, backward: BlockSparseMatrix,
+                           hidden: int, gates: int) -> BlockSparseMatrix:
+    """The block-diagonal (2H, gates·2H) BSC matrix of `BidirectionalWeights.pair` from the
+    directions' (H, gates·H) ones (bh and bw dividing H)."""
+    (bh, bw) = forward.block_shape
+    per_gate = hidden // bw  # block columns of one gate of one direction
+    values, rows, counts = [], [], []
+    for g in range(gates):
+        for w, row_offset in ((forward, 0), (backward, hidden // bh)):
+            col_ptr = np.asarray(w.col_ptr)
+            start, end = col_ptr[g * per_gate], col_ptr[(g + 1) * per_gate]
+            values.append(np.asarray(w.values)[start:end])
+            rows.append(np.asarray(w.row_indices)[start:end] + row_offset)
+            counts.append(np.diff(col_ptr[g * per_gate:(g + 1) * per_gate + 1]))
+    col_ptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int32)
+    return BlockSparseMatrix(values=np.concatenate(values),
+                             row_indices=np.concatenate(rows).astype(np.int32),
+                             col_ptr=col_ptr, shape=(2 * hidden, gates * 2 * hidden),
+                             block_shape=(bh, bw))
+
+
+def bidirectional_weights(forward: SparseWeights, backward: SparseWeights
+                          ) -> BidirectionalWeights:
+    """The two directions' weights (from `sparse_gru_weights` etc.) prepared to run as one
+    recurrence: `BidirectionalWeights` with the block-diagonal pair built on the host.
+
+    Raises:
+      ValueError: if the directions differ in cell, H, input width, block shape or dtype.
+    """
+    fields = [(w.cell, w.hidden, int(np.shape(w.w_i)[0]), w.block_shape,
+               np.dtype(w.dtype)) for w in (forward, backward)]
+    if fields[0] != fields[1]:
+        raise ValueError("the two directions must have the same (cell, H, D, block shape, "
+                         f"dtype); got forward {fields[0]} and backward {fields[1]}")
+    hidden, (bh, bw), gates = forward.hidden, forward.block_shape, _n_gates(forward)
+    if hidden % bh or hidden % bw:
+        return BidirectionalWeights(forward, backward, None)
+    w_h = _pair_recurrent_kernel(forward.w_h, backward.w_h, hidden, gates)
+    if forward.cell == "gru":
+        feat, panel = _ell_arrays(w_h, 2 * hidden) if forward.ell is not None else (None,
+                                                                                     None)
+        pair = SparseGRUWeights(
+            w_i=None, b_i=None, w_h=w_h, ell_feat=feat, ell_values=panel, hidden=2 * hidden,
+            b_hn=np.concatenate([np.asarray(forward.b_hn), np.asarray(backward.b_hn)]))
+    elif forward.cell == "lstm":
+        pair = SparseLSTMWeights(w_i=None, b=None, w_h=w_h, hidden=2 * hidden)
+    else:
+        pair = SparseRNNWeights(w_i=None, b=None, w_h=w_h, cell=forward.cell)
+    return BidirectionalWeights(forward, backward, pair)
+
+
+def _paired_dense(xps: tuple[jax.Array, jax.Array], weights: BidirectionalWeights,
+                  parts: tuple[tuple[jax.Array, ...], ...], unroll: int) -> tuple:
+    """The fused "dense" form: the two directions as P3's G = 2 modules of `cells.cell_step`
+    (xp (T, 2, B, gates·H), carry (2, B, H), w_h (2, H, gates·H)), one scan. Returns per
+    direction the carry parts' states, each (T, B, H)."""
+    dtype = xps[0].dtype
+    dense = [_dense_recurrent(w) for w in (weights.forward, weights.backward)]
+    w_h = jnp.stack([w for w, _ in dense]).astype(dtype)
+    b_h = jnp.stack([b for _, b in dense])[:, None].astype(dtype)
+    carry0 = tuple(jnp.stack(pair) for pair in zip(*parts, strict=True))
+    cell = weights.cell
+
+    def step(carry, xp_t):
+        carry, _ = cells.cell_step(cell, carry if cell == "lstm" else carry[0], xp_t, w_h, b_h)
+        carry = carry if cell == "lstm" else (carry,)
+        return carry, carry
+
+    states = jax.lax.scan(step, carry0, jnp.stack(xps, axis=1), unroll=unroll)[1]
+    return tuple(tuple(s[:, d] for s in states) for d in (0, 1))
+
+
+def _paired_kernel(xps: tuple[jax.Array, jax.Array], weights: BidirectionalWeights,
+                   parts: tuple[tuple[jax.Array, ...], ...], impl: str, unroll: int,
+                   options: dict[str, Any]) -> tuple:
+    """A block-sparse implementation on `weights.pair` (2H units, gates interleaved
+    [forward | backward]); returns what `_paired_dense` returns."""
+    hidden, gates = weights.forward.hidden, _n_gates(weights.forward)
+    steps, batch, _ = xps[0].shape
+    xp = jnp.stack([a.reshape(steps, batch, gates, hidden) for a in xps], axis=-2)
+    carry0 = tuple(jnp.concatenate(pair, axis=-1) for pair in zip(*parts, strict=True))
+    states = _recurrence(xp.reshape(steps, batch, gates * 2 * hidden), weights.pair,
+                         carry0 if weights.cell == "lstm" else carry0[0], impl, unroll,
+                         options)
+    states = states if weights.cell == "lstm" else (states,)
+    return tuple(tuple(s[..., d * hidden:(d + 1) * hidden] for s in states) for d in (0, 1))
+
+
+def _bidirectional(x: jax.Array, weights: BidirectionalWeights, carry0: Any,
+                   lengths: jax.Array | None, impl: str, unroll: int,
+                   separate: tuple[str, str], options: dict[str, Any]) -> tuple[tuple, tuple]:
+    """`sparse_bidirectional`: lengths and directions as in `_sequence`, both directions
+    advanced in the same step."""
+    if not isinstance(weights, BidirectionalWeights):
+        raise ValueError("weights must be BidirectionalWeights (kernels.bidirectional_weights)"
+                         f", got {type(weights).__name__}")
+    directions = (weights.forward, weights.backward)
+    if carry0 is None:
+        carry0 = (None, None)
+    elif not (isinstance(carry0, tuple | list) and len(carry0) == 2):
+        raise ValueError("a bidirectional layer's initial carry is a pair (forward's, "
+                         "backward's), each as its direction takes it, or None")
+    if options and impl in ("auto", "dense"):
+        raise ValueError(f"kernel options {sorted(options)} need a forced kernel impl=")
+    if impl not in ("auto", "separate", "dense") and weights.pair is None:
+        impl, separate = "separate", (impl, impl)  # no pair to run a kernel on
+    if impl == "separate":
+        runs = [_sequence(x, w, c, lengths, reverse, i, unroll, options) for w, c, reverse, i in
+                zip(directions, carry0, (False, True), separate, strict=True)]
+        return tuple(r[0] for r in runs), tuple(r[1] for r in runs)
+    batch, steps, dtype, first, lengths = _checked_inputs(x, weights.forward, carry0[0],
+                                                          lengths)
+    carries = (first, _initial_carry(carry0[1], weights.backward, batch, dtype))
+    impl = resolve_bidirectional_impl(weights, batch, steps, dtype, impl, separate)
+    if impl == "separate":
+        return _bidirectional(x, weights, carries, lengths, impl, unroll, separate, options)
+    lstm = weights.cell == "lstm"
+    parts = tuple(c if lstm else (c,) for c in carries)
+    xps = tuple(input_projection(_in_direction(x, lengths, reverse), w).astype(dtype)
+                for w, reverse in zip(directions, (False, True), strict=True))
+    if steps == 0:
+        seqs = tuple(tuple(jnp.zeros((0, batch, w.hidden), dtype) for _ in p)
+                     for w, p in zip(directions, parts, strict=True))
+    elif impl == "dense":
+        seqs = _paired_dense(xps, weights, parts, unroll)
+    else:
+        seqs = _paired_kernel(xps, weights, parts, impl, unroll, options)
+    results = [_final_and_outputs(s, p, lengths, steps) for s, p in zip(seqs, parts,
+                                                                          strict=True)]
+    outputs = (results[0][0], _in_direction(results[1][0], lengths, True))
+    return outputs, tuple(final if lstm else final[0] for _, final in results)
+
+
+def resolve_bidirectional_impl(weights: BidirectionalWeights, batch: int, steps: int,
+                               dtype: Any = None, impl: str = "auto",
+                               separate: tuple[str, str] = ("auto", "auto")) -> str:
+    """What `sparse_bidirectional(impl="auto")` runs: "dense" (the two directions as G = 2
+    dense modules, one scan), a block-sparse implementation on the pair ("xla", "pallas",
+    ... where `resolve_impl`'s checks pass for the 2H pair), or "separate" (today's two
+    scans, each direction on ``separate``'s impl, "auto" measured per direction), measured
+    against each other so that fusing is never slower than not; ``impl`` itself when it is
+    not "auto". Call it on concrete weights, outside `jax.jit`, as `resolve_impl`."""
+    if impl != "auto":
+        return impl
+    forward, backward = weights.forward, weights.backward
+    dtype = _recurrence_dtype(forward) if dtype is None else dtype
+    candidates: dict[str, Callable[[], str | None]] = {"dense": lambda: None,
+                                                       "separate": lambda: None}
+    if weights.pair is not None:
+        candidates.update({name: check for name, check in _candidates(
+            weights.pair, batch, steps, dtype).items() if name != "dense"})
+    width = int(np.shape(forward.w_i)[0])
+    key = autotune.key("sparse_bidirectional", cell=weights.cell, d=width, h=forward.hidden,
+                       block=forward.block_shape, nnzb=forward.w_h.nnzb + backward.w_h.nnzb,
+                       batch=batch, steps=steps, dtype=jnp.dtype(dtype).name)
+
+    def make(name: str) -> Callable[[], Any]:
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, steps, width)), dtype)
+        impls = tuple(resolve_impl(w, batch, steps, dtype, i) for w, i in zip(
+            (forward, backward), separate, strict=True)) if name == "separate" else separate
+        fn = jax.jit(lambda x: _bidirectional(x, weights, None, None, name, 16, impls, {})[0])
+        return lambda: fn(x)
+
+    return autotune.choose(key, candidates, make, measurable=autotune.is_concrete(weights),
+                           fallback=("xla", "dense"))
+
+
+def sparse_bidirectional(
+    x: jax.Array,
+    weights: BidirectionalWeights,
+    carry0: tuple[Any, Any] | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    impl: str = "auto",
+    separate: tuple[str, str] = ("auto", "auto"),
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, Any]]:
+    """A bidirectional layer's two directions over the same inputs, as ONE recurrence: the
+    backward direction reads each row reversed within its length, both states advance in
+    the same step (T sequential steps, not 2T), the backward outputs are reversed back.
+    The numbers are those of `sparse_gru` / `sparse_lstm` / `sparse_rnn` run once per
+    direction (``reverse=False`` and ``True``), up to float summation order.
+
+    Args:
+      x: (B, T, D) inputs.
+      weights: `BidirectionalWeights` (`bidirectional_weights`).
+      carry0: (forward's, backward's) initial carries, each as its direction takes it
+        (h0 (B, H), or (h0, c0) for the LSTM; None: zeros), or None.
+      lengths: (B,) int valid steps per row (None: all T), as in `sparse_gru`.
+      impl: "auto" (`resolve_bidirectional_impl`), "dense" (G = 2 dense modules, one scan),
+        "separate" (one sequence per direction, on ``separate``'s impls), or a block-sparse
+        implementation of `sparse_gru` etc. run on the pair (which falls back to "separate"
+        with that impl where there is no pair: H not a multiple of the block sides).
+      separate: the directions' impls when they run separately.
+      unroll: `lax.scan` unroll factor.
+      **kernel_options: launch options of a forced kernel impl (as in `sparse_gru`).
+
+    Returns:
+      ((forward outputs, backward outputs), each (B, T, H) aligned with the inputs and zero
+      at and past each length; (forward's, backward's) final carries).
+    """
+    return _bidirectional(x, weights, carry0, lengths, impl, unroll, separate,
+                          kernel_options)

@@ -14,14 +14,21 @@ model. One process, calls interleaved (sparse, dense, cudnn, sparse, ...), media
 * LM scoring: one forward pass over a (32, 100) batch, tokens per second.
 * DS2 transcription (forward + greedy CTC decoding), batch 1 (a median-length utterance) and
   batch 32: utterances per second and real-time factor (compute seconds per second of
-  audio, 100 frames a second).
+  audio, 100 frames a second). Two more columns, timed in the same loop, attribute the
+  gain: the exported model with each bidirectional depth's directions run one after the
+  other (`load(fuse_directions=False)`, only for a bidirectional model), and the same
+  model exported with no block pruned (every block stored, 100% density) through the same
+  engine (how much is sparsity, how much the engine).
 
 Models: `--lm_model` / `--ds2_model` take exported files (a run's `<workdir>/model.npz`).
 Without them the script builds **random** models in seconds and says so in every table: the
 default Shakespeare GRU (256 units, embedding 64, 81 characters, 4x4 blocks, input 80% and
 recurrent 92% pruned, softmax dense) and an AN4 DS2 GRU (`--ds2_features` units, 3 layers,
 row convolution, every input, recurrent and fc kernel with 90% of its 16x16 blocks pruned at
-random). Speed does not depend on the weights' values. Utterances are AN4's test set when
+random; unidirectional, as `experiments/configs/an4_ds2.py:gru`, unless
+`--ds2_bidirectional`; `--ds2_cell=rnn_clipped_relu --ds2_bidirectional --ds2_features=256`
+gives the shapes of `an4_ds2.py:rnn`, but with the GRU's row convolution). Speed does not
+depend on the weights' values. Utterances are AN4's test set when
 `--an4` (default `$BSRNN_DATA/an4`) exists, else random features of AN4's lengths (labelled).
 
 CPU (this machine):
@@ -55,6 +62,7 @@ from flax import traverse_util  # noqa: E402
 
 from bsrnn import configs, data, export, inference  # noqa: E402
 from bsrnn.inference import speed  # noqa: E402
+from bsrnn.kernels.bsc import BlockSparseMatrix  # noqa: E402
 from bsrnn.models import ds2, lm  # noqa: E402
 
 CHARS = [chr(c) for c in range(32, 112)] + ["\n"]  # 81 tokens, like Shakespeare's
@@ -102,12 +110,15 @@ def random_lm(folder: Path, seed: int = 0) -> Path:
                          {"input": 0.8, "recurrent": 0.92, "fc": None}, (4, 4), info, seed)
 
 
-def random_ds2(folder: Path, features: int, seed: int = 0) -> Path:
-    """An AN4 DS2 GRU (configs/an4_ds2.py:gru shapes), random weights, 90% of 16x16 blocks."""
+def random_ds2(folder: Path, features: int, seed: int = 0, *, cell: str = "gru",
+               bidirectional: bool = False) -> Path:
+    """An AN4 DS2 GRU (configs/an4_ds2.py:gru shapes; `cell`, `bidirectional` change
+    those), random weights, 90% of 16x16 blocks."""
     kwargs = dict(num_classes=len(AN4_ALPHABET), conv_features=(32, 32),
-                  conv_kernels=((11, 5), (11, 5)), conv_strides=((2, 2), (1, 2)), cell="gru",
-                  features=features, num_layers=3, bidirectional=False, row_conv_context=10,
-                  fc_features=features, mask_fc=True, mask_output=True, unroll=4)
+                  conv_kernels=((11, 5), (11, 5)), conv_strides=((2, 2), (1, 2)), cell=cell,
+                  features=features, num_layers=3, bidirectional=bidirectional,
+                  row_conv_context=10, fc_features=features, mask_fc=True, mask_output=True,
+                  unroll=4)
     info = dict(name="ds2", kwargs=kwargs, data="random", step=0, metrics={},
                 vocab={"tokens": AN4_ALPHABET, "unk": None},
                 features={"kind": "mfc", "num_mels": 13, "mean": [0.0] * 13,
@@ -115,6 +126,23 @@ def random_ds2(folder: Path, features: int, seed: int = 0) -> Path:
     example = (jnp.zeros((1, 64, 13)), jnp.full((1,), 64, jnp.int32))
     return _write_random(folder / "random_ds2.npz", ds2.Model(**kwargs), example, 0.9,
                          (16, 16), info, seed)
+
+
+def unpruned_copy(path: Path, folder: Path) -> Path:
+    """The model of `path` exported again with every block kept: each kernel the file
+    stores block-sparse is stored block-sparse at 100% density (its pruned entries are
+    zero, which does not change the speed), so the same engine runs the unpruned model."""
+    params, info, _ = export.load_file(path)
+    _, variables = inference.masked_dense(path)
+    blocks = {leaf.block_shape for leaf in jax.tree_util.tree_leaves(
+        params, is_leaf=lambda x: isinstance(x, BlockSparseMatrix))
+        if isinstance(leaf, BlockSparseMatrix)}
+    masks = jax.tree_util.tree_map(lambda m: np.ones(np.shape(m), bool), variables["masks"])
+    exported = export.export_params(variables["params"], masks,
+                                    blocks.pop() if len(blocks) == 1 else (16, 16))
+    out = folder / f"{Path(path).stem}_unpruned.npz"
+    export.save_npz(out, exported, model=info)
+    return out
 
 
 def utterances(an4: str, count: int = 32, seed: int = 0) -> tuple[list[np.ndarray], str]:
@@ -207,10 +235,15 @@ def main() -> None:
     parser.add_argument("--ds2_model", help="exported DS2 (.npz); default: random AN4 GRU")
     parser.add_argument("--ds2_features", type=int, default=512,
                         help="units of the random DS2 GRU")
+    parser.add_argument("--ds2_cell", default="gru", help="cell of the random DS2 model")
+    parser.add_argument("--ds2_bidirectional", action="store_true",
+                        help="random DS2 model with bidirectional layers")
+    parser.add_argument("--ds2_batches", default="1,32", help="DS2 batch sizes timed")
     parser.add_argument("--an4", default=configs.data_path("an4"), help="AN4 folder")
     parser.add_argument("--length", type=int, default=2000, help="tokens sampled per call")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--skip", default="", help="comma-separated: lm, ds2")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: lm, ds2, and the DS2 columns unpruned, separate")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
@@ -262,19 +295,35 @@ def main() -> None:
                              scoring_b32_t100=scoring)
 
     if "ds2" not in skip:
-        path = Path(args.ds2_model) if args.ds2_model else random_ds2(folder, args.ds2_features)
+        path = Path(args.ds2_model) if args.ds2_model else random_ds2(
+            folder, args.ds2_features, cell=args.ds2_cell,
+            bidirectional=args.ds2_bidirectional)
         exported = inference.load(path)
+        others = {}
+        if "unpruned" not in skip:
+            others["unpruned"] = inference.load(unpruned_copy(path, folder))
+        if "separate" not in skip and any(isinstance(d, inference.Bidirectional)
+                                          for d in exported.weights.layers):
+            others["separate"] = inference.load(path, fuse_directions=False)
         model, variables = inference.masked_dense(path)
         feats, source = utterances(args.an4)
+        kwargs = exported.info["kwargs"]
         results["ds2"]["model"] = str(path) if args.ds2_model else (
-            f"RANDOM DS2 GRU {args.ds2_features}x3, 90% of 16x16 blocks")
+            f"RANDOM DS2 {args.ds2_cell} {args.ds2_features}x3"
+            f"{' bidirectional' if args.ds2_bidirectional else ''}, 90% of 16x16 blocks")
+        results["ds2"]["bidirectional"] = bool(kwargs.get("bidirectional", True))
         results["ds2"]["utterances"] = source
         median = sorted(feats, key=len)[len(feats) // 2]
-        for batch, chosen in ((1, [median]), (32, feats[:32])):
+        for batch in (int(b) for b in args.ds2_batches.split(",")):
+            chosen = [median] if batch == 1 else feats[:batch]
             print(f"DS2: transcribing a batch of {len(chosen)}", flush=True)
             results["ds2"][f"batch_{batch}"] = speed.compare_transcription(
-                exported, model, variables, chosen, repeats=args.repeats)
+                exported, model, variables, chosen, repeats=args.repeats, others=others)
             results["ds2"][f"batch_{batch}"]["frames"] = int(sum(len(f) for f in chosen))
+            shape = data.pad_sequences(chosen, multiple=exported.pad_multiple)[0].shape[:2]
+            for name, m in {"sparse": exported, **others}.items():
+                results["ds2"][f"batch_{batch}"][f"{name}_impls"] = _impls(
+                    m.weights_for_frames(*shape))
 
     text = markdown(results)
     print(text)
@@ -282,6 +331,20 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+
+
+def _impls(weights: inference.DS2Weights) -> list[str]:
+    """What each recurrent depth ran: the fused impl, or each direction's."""
+    out = []
+    for depth in weights.layers:
+        if isinstance(depth, inference.Bidirectional):
+            if depth.impl != "separate":
+                out.append(f"{depth.impl} (fused)")
+                continue
+            depth = (depth.forward, depth.backward)
+        out.append("+".join(layer.impl if layer.sparse is not None else "masked dense"
+                            for layer in depth))
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -306,14 +369,29 @@ def markdown(results: dict) -> str:
     ds2_results = results["ds2"]
     if ds2_results:
         lines += [f"DS2: {ds2_results['model']}; utterances: {ds2_results['utterances']}", "",
-                  "| batch | exported sparse (utt/s, RTF) | masked dense (utt/s, RTF) | ratio |",
-                  "|---|---|---|---|"]
-        for batch in (1, 32):
-            r = ds2_results[f"batch_{batch}"]
+                  "utt/s, RTF (ratio: masked dense time / that column's time); 'directions "
+                  "separate': the exported model with its bidirectional depths' directions run "
+                  "one after the other; 'no block pruned': the same model at 100% density "
+                  "through the same engine", "",
+                  "| batch | exported sparse | directions separate | no block pruned | "
+                  "masked dense | ratio | ratio, separate | ratio, unpruned | recurrent impls |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+
+        def cell(r, side):
+            if f"{side}_utterances_per_s" not in r:
+                return "n/a"
+            return (f"{r[f'{side}_utterances_per_s']:,.1f}, "
+                    f"{r[f'{side}_real_time_factor']:.4f}")
+
+        for key in sorted((k for k in ds2_results if k.startswith("batch_")),
+                          key=lambda k: int(k.split("_")[1])):
+            r = ds2_results[key]
+            ratios = [f"{r[k]:.2f}x" if k in r else "n/a"
+                      for k in ("speedup", "separate_speedup", "unpruned_speedup")]
             lines.append(
-                f"| {batch} | {r['sparse_utterances_per_s']:,.1f}, "
-                f"{r['sparse_real_time_factor']:.4f} | {r['dense_utterances_per_s']:,.1f}, "
-                f"{r['dense_real_time_factor']:.4f} | {r['speedup']:.2f}x |")
+                f"| {key.split('_')[1]} | {cell(r, 'sparse')} | {cell(r, 'separate')} | "
+                f"{cell(r, 'unpruned')} | {cell(r, 'dense')} | {' | '.join(ratios)} | "
+                f"{', '.join(r.get('sparse_impls', []))} |")
     return "\n".join(lines)
 
 
