@@ -88,6 +88,10 @@ def test_lm_logits_equal_the_masked_dense_model(tmp_path, cell, num_layers, mask
                                atol=1e-5)
     sparse = inference.load(path)
     assert all(layer.sparse is not None for layer in sparse.weights.layers)
+    assert sparse.weights.input_table is not None  # the first layer's projection is folded
+    unfolded = dataclasses.replace(sparse.weights, input_table=None)
+    np.testing.assert_allclose(inference.lm_forward(unfolded, tokens)[0], want, rtol=1e-4,
+                               atol=1e-4)
     if mask_output:
         assert isinstance(sparse.weights.output.kernel, BlockSparseMatrix)
 
@@ -120,6 +124,44 @@ def test_sampling_carries_the_state_like_a_step_by_step_loop(tmp_path):
     first = int(np.argmax(model.apply({"params": params, "masks": masks},
                                       jnp.asarray([[1, 2]]))[0][0, -1]))
     assert greedy[0, 0] == first
+
+
+def test_the_folded_input_projection_is_the_embedding_times_the_input_kernel(tmp_path):
+    # load() folds the first layer's input projection into a (V, 3H) table: row t must be
+    # E[t] @ W_i + b (by hand in float64 from the file's arrays), and the model without the
+    # table gives the same logits and, with the same seed, the same samples.
+    rng = np.random.default_rng(4)
+    kwargs = dict(vocab_size=7, cell="gru", features=10, num_layers=1, embed_dim=6)
+    model = lm.Model(**kwargs)
+    variables = model.init(jax.random.key(4), jnp.zeros((1, 3), jnp.int32))
+    params = _randomised(rng, variables["params"])
+    masks = _random_block_masks(rng, variables["masks"])
+    path = _export(tmp_path, params, masks, dict(LM_INFO, kwargs=kwargs, vocab={
+        "tokens": ["\n", "a", "b", "c", "d", "e", "f"], "unk": None}))
+    folded = inference.load(path, impl="xla")  # forced: no measuring (auto is tested above)
+    table = np.asarray(folded.weights.input_table)
+    layer, embedding = params["layer_0"], np.asarray(params["embed"]["embedding"], np.float64)
+    m = masks["layer_0"]
+    gates = []
+    for g in ("r", "z", "n"):
+        kernel = np.asarray(layer[f"input_{g}"]["kernel"], np.float64) * np.asarray(
+            m[f"input_{g}"]["kernel"])
+        bias = np.asarray(layer[f"input_{g}"]["bias"], np.float64)
+        if g != "n":  # the r and z gates' recurrent biases are folded into the input's
+            bias = bias + np.asarray(layer[f"recurrent_{g}"]["bias"], np.float64)
+        gates.append(embedding @ kernel + bias)
+    np.testing.assert_allclose(table, np.concatenate(gates, 1), rtol=1e-5, atol=1e-5)
+    unfolded = inference.LanguageModel(
+        dataclasses.replace(folded.weights, input_table=None), folded.info)
+    tokens = jnp.asarray(rng.integers(0, 7, (2, 6)), jnp.int32)
+    want = model.apply({"params": params, "masks": masks}, tokens)[0]
+    np.testing.assert_allclose(folded(tokens)[0], unfolded(tokens)[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(folded(tokens)[0], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(folded.sample_ids(30, temperature=0.9, seed=5),
+                                  unfolded.sample_ids(30, temperature=0.9, seed=5))
+    # A table larger than max_ratio times the arrays it replaces is not built.
+    assert inference.fold_input_projection(unfolded.weights, max_ratio=0.1) is \
+        unfolded.weights
 
 
 @pytest.mark.parametrize("winner", ["dense", "xla"])

@@ -50,6 +50,28 @@ def test_xla_matches_dense_float32(shape, block_shape, n, product):
     assert _rel_err(y, _ref(x, k, mask)) < 1e-6
 
 
+@pytest.mark.parametrize("shape, block_shape, n", [CASES[0], CASES[1], CASES[5]])
+def test_precomputed_xla_layout_gives_the_same_products(shape, block_shape, n):
+    # with_xla_layout's block column ids and b-major rows: the same products bit for bit as
+    # the matrix without them (arguments of jit, where nothing is folded), equal to dense.
+    from bsrnn.kernels import bsc
+
+    rng, k, mask = _case(3, shape, block_shape)
+    w = from_dense(k, mask, block_shape)
+    prepared = bsc.with_xla_layout(w)
+    np.testing.assert_array_equal(prepared.col_ids, np.asarray(bsc.block_col_ids(w)))
+    np.testing.assert_array_equal(prepared.values_t, np.swapaxes(w.values, 0, 1))
+    x = jnp.asarray(rng.standard_normal((n, shape[0])).astype(np.float32))
+    for product in ("dot", "fma"):
+        fn = jax.jit(lambda x, w, p=product: kernels.bsc_matmul_xla(x, w, product=p))
+        y = fn(x, prepared)
+        np.testing.assert_array_equal(y, fn(x, w))
+        assert _rel_err(y, _ref(x, k, mask)) < 1e-6
+    np.testing.assert_array_equal(bsc.to_dense(prepared), bsc.to_dense(w))
+    with pytest.raises(ValueError, match="concrete"):
+        jax.jit(bsc.with_xla_layout)(w)
+
+
 def test_xla_product_choice():
     # "fma" on the CPU for blocks of at most 256 entries, unless one row meets a block 8 or
     # more wide; "dot" for larger blocks and on every other backend.

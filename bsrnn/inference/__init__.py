@@ -48,6 +48,7 @@ import ml_dtypes
 import numpy as np
 
 from bsrnn import cells, ctc, data, export, kernels
+from bsrnn.kernels import bsc
 from bsrnn.kernels.bsc import BlockSparseMatrix
 from bsrnn.models import MODEL_NAMES, ds2
 
@@ -277,6 +278,8 @@ def _linear(params: dict, impl: str, dtype: Any) -> Linear:
     kernel = params["kernel"]
     if impl == "dense" and isinstance(kernel, BlockSparseMatrix):
         kernel = _kernel_and_mask(kernel, np.asarray(kernel.values).dtype)[0]
+    elif isinstance(kernel, BlockSparseMatrix):
+        kernel = bsc.with_xla_layout(kernel)
     bias = params.get("bias")
     return Linear(_cast(kernel, dtype), None if bias is None else _cast(bias, dtype),
                   _kernel_impl(impl))
@@ -344,22 +347,75 @@ def _stored_dtype(params: dict) -> np.dtype:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LMWeights:
-    """A language model's layers: embedding (V, E), recurrent layers, softmax (or tied)."""
+    """A language model's layers: embedding (V, E), recurrent layers, softmax (or tied).
+
+    Attributes:
+      embedding: (V, E).
+      layers: the recurrent layers, first to last.
+      output: the softmax layer, or None (tied to the embedding).
+      input_table: (V, gates·H) or None: the first layer's input projection of every token,
+        embedding @ W_i + b (`fold_input_projection`); `lm_forward` looks a token's row up
+        instead of embedding it and multiplying by W_i.
+    """
 
     embedding: jax.Array
     layers: tuple[Recurrent, ...]
     output: Linear | None
+    input_table: jax.Array | None = None
+
+
+# `fold_input_projection` folds when the table takes at most this many times the entries of
+# the embedding and the first layer's input kernel it replaces (a char LM: ~1.2x; a word LM
+# with a large vocabulary would multiply its memory).
+FOLD_MAX_RATIO = 2.0
+
+
+def fold_input_projection(weights: LMWeights, max_ratio: float = FOLD_MAX_RATIO) -> LMWeights:
+    """``weights`` with `LMWeights.input_table` set: the first layer's input projection
+    computed once for every token. The first layer reads the embedding directly (the LM has
+    nothing between them at inference), so E[t] @ W_i + b is row t of E @ W_i + b: the
+    lookup removes an (E x gates·H) product per token from every forward pass.
+
+    Folds only a first layer on the kernels (`Recurrent.sparse`) and only when the table has
+    at most ``max_ratio`` times the entries of the embedding and W_i; returns ``weights``
+    unchanged otherwise. Run on concrete weights (e.g. at `load`).
+    """
+    first = weights.layers[0] if weights.layers else None
+    if first is None or first.sparse is None or weights.input_table is not None:
+        return weights
+    vocab, embed = weights.embedding.shape
+    width = int(np.shape(first.sparse.w_i)[1])
+    if vocab * width > max_ratio * (vocab * embed + embed * width):
+        return weights
+    table = kernels.input_projection(weights.embedding[None], first.sparse)[:, 0]  # (V, G·H)
+    return dataclasses.replace(weights, input_table=table)
+
+
+def _table_rows(table: jax.Array, tokens: jax.Array, hidden: int) -> jax.Array:
+    """Rows ``tokens`` (B, T) of the (V, gates·H) table, (B, T, gates·H), looked up one gate
+    (H entries) at a time: on XLA:CPU the gate math fused with slices of one looked-up row
+    runs unvectorised (4-6 µs a step at H = 256, more than the product the table removes);
+    with a lookup per gate, ~1 µs."""
+    vocab, width = table.shape
+    gates = width // hidden
+    per_gate = table.reshape(vocab * gates, hidden)
+    return jnp.concatenate([jnp.take(per_gate, tokens * gates + g, axis=0)
+                            for g in range(gates)], axis=-1)
 
 
 def lm_forward(weights: LMWeights, tokens: jax.Array, carry: Any = None
                ) -> tuple[jax.Array, tuple]:
     """tokens (B, T) int -> logits (B, T, V) float32 and the new carry (one per layer),
     like `bsrnn.models.lm.Model` (without dropout)."""
-    x = jnp.take(weights.embedding, tokens, axis=0)
     carry = (None,) * len(weights.layers) if carry is None else carry
     new_carry = []
-    for layer, c in zip(weights.layers, carry, strict=True):
-        x, c = recurrent(layer, x, c)
+    for i, (layer, c) in enumerate(zip(weights.layers, carry, strict=True)):
+        if i == 0 and weights.input_table is not None:
+            xp = _table_rows(weights.input_table, tokens, layer.sparse.hidden)
+            x, c = kernels.projected_sequence(xp, layer.sparse, c, impl=layer.impl)
+        else:
+            x = jnp.take(weights.embedding, tokens, axis=0) if i == 0 else x
+            x, c = recurrent(layer, x, c)
         new_carry.append(c)
     logits = (jnp.dot(x, weights.embedding.T) if weights.output is None
               else linear(weights.output, x))
@@ -681,6 +737,9 @@ def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None,
       fuse_directions: run each bidirectional DS2 depth whose directions are on the kernels
         as one recurrence (`Bidirectional`); False: the directions one after the other.
 
+    A language model's first layer on the kernels gets its input projection of every token
+    precomputed (`fold_input_projection`), where that table is small.
+
     Returns:
       A `LanguageModel` or a `SpeechModel`.
 
@@ -702,7 +761,7 @@ def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None,
             output = None if kwargs.get("tie_embeddings") else _linear(
                 params["output"], impl, dtype)
             weights = LMWeights(_cast(params["embed"]["embedding"], dtype), layers, output)
-            return LanguageModel(weights, info)
+            return LanguageModel(fold_input_projection(weights), info)
         rnn = params["rnn"]
         suffixes = ("_fwd", "_bwd") if kwargs.get("bidirectional", True) else ("",)
         layers = tuple(_paired(

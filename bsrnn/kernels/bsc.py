@@ -44,6 +44,11 @@ class BlockSparseMatrix:
         column j (kernel columns j*bw:(j+1)*bw) owns stored blocks col_ptr[j]:col_ptr[j+1].
       shape: (in_features, out_features) of the dense kernel (static).
       block_shape: (bh, bw) (static).
+      col_ids: (nnzb,) int32 or None: the block column of each stored block (`col_ptr`
+        expanded), precomputed by `with_xla_layout`; None: `block_col_ids` derives it.
+      values_t: (bh, nnzb, bw) or None: `values` with the in-block row first, precomputed by
+        `with_xla_layout`: the layout the XLA path's multiply-adds read contiguously
+        (`bsrnn.kernels.xla`); None: that path reads `values` strided.
     """
 
     values: jax.Array
@@ -51,6 +56,8 @@ class BlockSparseMatrix:
     col_ptr: jax.Array
     shape: tuple[int, int] = dataclasses.field(metadata={"static": True})
     block_shape: tuple[int, int] = dataclasses.field(metadata={"static": True})
+    col_ids: jax.Array | None = None
+    values_t: jax.Array | None = None
 
     @property
     def nnzb(self) -> int:
@@ -172,8 +179,41 @@ def from_dense(
     return BlockSparseMatrix(values, row_indices, col_ptr, tuple(kernel.shape), (bh, bw))
 
 
+def with_xla_layout(m: BlockSparseMatrix) -> BlockSparseMatrix:
+    """``m`` with `BlockSparseMatrix.col_ids` and `values_t` computed once on the host.
+
+    The XLA path (`bsrnn.kernels.bsc_matmul_xla`) otherwise derives the block column ids from
+    `col_ptr` in every call and reads the blocks' rows strided; when the matrix is a jitted
+    function's argument (not a constant XLA can fold) that costs time in every call: at
+    N = 1 on XLA:CPU the strided read made the 4x4 product of a trained GRU 256 ~1.6x slower
+    (WORKSPACE.md, "End to end"). Same products, bit for bit.
+
+    Args:
+      m: a matrix with concrete (numpy or device) arrays.
+
+    Returns:
+      A `BlockSparseMatrix` with the same values, indices and static fields (numpy arrays
+      for the two new fields).
+
+    Raises:
+      ValueError: if ``m`` holds tracers (call it outside `jax.jit`, on the weights).
+    """
+    if any(isinstance(a, jax.core.Tracer) for a in (m.values, m.row_indices, m.col_ptr)):
+        raise ValueError("with_xla_layout needs a concrete matrix; call it outside jax.jit")
+    nbc = m.grid_shape[1]
+    counts = np.diff(np.asarray(m.col_ptr))
+    col_ids = np.repeat(np.arange(nbc, dtype=np.int32), counts)
+    if col_ids.shape != (m.nnzb,):
+        raise ValueError(f"col_ptr covers {col_ids.size} blocks, the matrix stores {m.nnzb}")
+    values_t = np.ascontiguousarray(np.swapaxes(np.asarray(m.values), 0, 1))
+    return dataclasses.replace(m, col_ids=col_ids, values_t=values_t)
+
+
 def block_col_ids(m: BlockSparseMatrix) -> jax.Array:
-    """(nnzb,) int32 block-column index of each stored block (expands `col_ptr`; jittable)."""
+    """(nnzb,) int32 block-column index of each stored block: `m.col_ids` when precomputed
+    (`with_xla_layout`), else `col_ptr` expanded in the graph (jittable)."""
+    if m.col_ids is not None:
+        return jnp.asarray(m.col_ids)
     nbc = m.grid_shape[1]
     counts = jnp.diff(jnp.asarray(m.col_ptr))
     return jnp.repeat(jnp.arange(nbc, dtype=jnp.int32), counts, total_repeat_length=m.nnzb)

@@ -55,7 +55,7 @@ import numpy as np
 
 from bsrnn import cells
 from bsrnn.kernels import autotune, pallas_gpu, recurrence_pallas
-from bsrnn.kernels.bsc import BlockSparseMatrix, cached_on, from_dense, to_dense
+from bsrnn.kernels.bsc import BlockSparseMatrix, cached_on, from_dense, to_dense, with_xla_layout
 from bsrnn.kernels.xla import bsc_matmul_xla
 
 RecurrenceImpl = Literal["auto", "dense", "xla", "pallas", "pallas_interpret", "persistent",
@@ -245,7 +245,7 @@ def _gate_padded(gates: tuple[str, ...], kernels: list[np.ndarray], masks: list[
              for g, k, m in zip(gates, kernels, masks, strict=True)]
     (bh, bw), (_, nbc_g) = parts[0].block_shape, parts[0].grid_shape
     offsets = np.cumsum([0] + [w.nnzb for w in parts])
-    return BlockSparseMatrix(
+    return with_xla_layout(BlockSparseMatrix(
         values=np.concatenate([np.asarray(w.values) for w in parts]),
         row_indices=np.concatenate([np.asarray(w.row_indices) for w in parts]),
         col_ptr=np.concatenate(
@@ -254,7 +254,7 @@ def _gate_padded(gates: tuple[str, ...], kernels: list[np.ndarray], masks: list[
         ).astype(np.int32),
         shape=(kernels[0].shape[1], len(gates) * nbc_g * bw),
         block_shape=(bh, bw),
-    )
+    ))
 
 
 def _masked_input(kernels: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
@@ -366,7 +366,7 @@ def sparse_rnn_weights(
         raise ValueError(f"cell must be one of {RNN_CELLS}, got {cell!r}")
     (k_i,), (b_i,), (k_h,), (b_h,), (m_i,), (m_h,) = _layer_arrays(params, masks, ("h",))
     dtype = np.dtype(dtype) if dtype is not None else k_h.dtype
-    w_h = _compress_recurrent("h", k_h, m_h, block_shape, dtype)
+    w_h = with_xla_layout(_compress_recurrent("h", k_h, m_h, block_shape, dtype))
     return SparseRNNWeights(w_i=np.where(m_i, k_i, 0).astype(dtype),
                             b=(b_i + b_h).astype(dtype), w_h=w_h, cell=cell)
 
@@ -652,10 +652,16 @@ def _final_and_outputs(seqs: tuple[jax.Array, ...], carry0: tuple[jax.Array, ...
 
 
 def _checked_inputs(x: jax.Array, weights: SparseWeights, carry0: Any,
-                    lengths: jax.Array | None) -> tuple[int, int, Any, Any, Any]:
-    """(batch, steps, computation dtype, initial carry, lengths), checked."""
+                    lengths: jax.Array | None, projected: bool = False
+                    ) -> tuple[int, int, Any, Any, Any]:
+    """(batch, steps, computation dtype, initial carry, lengths), checked. With
+    ``projected``, x is already the input projection (B, T, gates·H)."""
     if x.ndim != 3:
         raise ValueError(f"x must be (B, T, D), got shape {x.shape}")
+    width = _n_gates(weights) * weights.hidden
+    if projected and x.shape[-1] != width:
+        raise ValueError(f"input projections must be (B, T, gates·H) = (B, T, {width}), got "
+                         f"shape {x.shape}")
     batch, steps, _ = x.shape
     dtype = _recurrence_dtype(weights)
     carry0 = _initial_carry(carry0, weights, batch, dtype)
@@ -676,13 +682,17 @@ def _in_direction(a: jax.Array, lengths: jax.Array | None, reverse: bool) -> jax
 
 
 def _sequence(x: jax.Array, weights: SparseWeights, carry0: Any, lengths: jax.Array | None,
-              reverse: bool, impl: str, unroll: int, options: dict[str, Any]):
-    """The one place for lengths and direction, shared by every cell and implementation."""
-    batch, steps, dtype, carry0, lengths = _checked_inputs(x, weights, carry0, lengths)
+              reverse: bool, impl: str, unroll: int, options: dict[str, Any],
+              projected: bool = False):
+    """The one place for lengths and direction, shared by every cell and implementation.
+    With ``projected``, x is already the input projection (B, T, gates·H)."""
+    batch, steps, dtype, carry0, lengths = _checked_inputs(x, weights, carry0, lengths,
+                                                           projected)
     if options and impl == "auto":
         raise ValueError(f"kernel options {sorted(options)} need a forced impl=")
     impl = resolve_impl(weights, batch, steps, dtype, impl)
-    xp = input_projection(_in_direction(x, lengths, reverse), weights).astype(dtype)
+    x = _in_direction(x, lengths, reverse)
+    xp = (jnp.swapaxes(x, 0, 1) if projected else input_projection(x, weights)).astype(dtype)
     parts = carry0 if weights.cell == "lstm" else (carry0,)
     if steps == 0:
         seqs = tuple(jnp.zeros((0, batch, weights.hidden), dtype) for _ in parts)
@@ -794,6 +804,35 @@ def sparse_rnn(
     **kernel_options: Any,
 ) -> tuple[jax.Array, jax.Array]:
     return _sequence(x, weights, h0, lengths, reverse, impl, unroll, kernel_options)
+
+
+def projected_sequence(
+    xp: jax.Array,
+    weights: SparseWeights,
+    carry0: Any = None,
+    *,
+    lengths: jax.Array | None = None,
+    reverse: bool = False,
+    impl: RecurrenceImpl = "auto",
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> tuple[jax.Array, Any]:
+    """`sparse_gru` / `sparse_lstm` / `sparse_rnn` from the input projections instead of the
+    inputs: the same result as that function on inputs x when ``xp[:, t] = x[:, t] @ W_i +
+    b`` (`input_projection`, batch-major), e.g. rows of a table of projected embeddings.
+
+    Args:
+      xp: (B, T, gates·H) input projections, biases included as the weights fold them
+        (`input_projection`'s output with its time and batch axes swapped).
+      weights: any of `SparseGRUWeights`, `SparseLSTMWeights`, `SparseRNNWeights`.
+      carry0, lengths, reverse, impl, unroll, kernel_options: as in `sparse_gru` (the LSTM's
+        carry0 is (h0, c0)).
+
+    Returns:
+      (outputs (B, T, H), final carry), as the cell's sequence function returns them.
+    """
+    return _sequence(xp, weights, carry0, lengths, reverse, impl, unroll, kernel_options,
+                     projected=True)
 
 
 _STEP_KERNEL = (', "pallas" (the GPU step kernel; "pallas_interpret" runs it in the Pallas '

@@ -79,11 +79,13 @@ def bsc_matmul_xla(x: jax.Array, w: BlockSparseMatrix, product: Product = "auto"
     if product == "dot":
         partial = jnp.einsum("knb,kbc->knc", xg, values, preferred_element_type=acc_dtype,
                              precision=jax.lax.Precision.HIGHEST)
-    else:
-        xg, values = xg.astype(acc_dtype), values.astype(acc_dtype)
-        partial = xg[:, :, 0:1] * values[:, None, 0, :]
+    else:  # rows of the blocks b-major (nnzb, bw) each: `values_t` when precomputed
+        rows = (jnp.swapaxes(values, 0, 1) if w.values_t is None
+                else jnp.asarray(w.values_t).astype(dtype)).astype(acc_dtype)
+        xg = xg.astype(acc_dtype)
+        partial = xg[:, :, 0:1] * rows[0][:, None, :]
         for b in range(1, bh):
-            partial = partial + xg[:, :, b : b + 1] * values[:, None, b, :]
+            partial = partial + xg[:, :, b : b + 1] * rows[b][:, None, :]
     y = jax.ops.segment_sum(
         partial, block_col_ids(w), num_segments=nbc, indices_are_sorted=True
     )  # (nbc, N, bw)

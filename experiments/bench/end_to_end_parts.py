@@ -15,13 +15,15 @@ as arguments, timed interleaved (medians), µs per character:
 """
 
 import argparse
+import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bsrnn import inference
-from bsrnn.inference import speed
 from bsrnn.kernels import recurrence
 
 
@@ -30,10 +32,22 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="an exported one-layer GRU LM")
     parser.add_argument("--length", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--impl", default="", help="force the recurrent layer's impl")
     args = parser.parse_args()
     exported = inference.load(args.model)
     model, variables = inference.masked_dense(args.model)
     weights = exported.sampling_weights(1, args.length)
+    if args.impl:
+        weights = dataclasses.replace(weights, layers=tuple(
+            dataclasses.replace(layer, impl=args.impl) for layer in weights.layers))
+    print("recurrent impl", [layer.impl for layer in weights.layers],
+          "softmax impl", getattr(weights.output, "impl", None),
+          "input table", weights.input_table is not None)
+    unfolded = dataclasses.replace(weights, input_table=None)
+    # The recurrent kernel without `with_xla_layout`'s precomputed arrays (as before it).
+    plain = dataclasses.replace(weights, layers=tuple(dataclasses.replace(
+        layer, sparse=dataclasses.replace(layer.sparse, w_h=dataclasses.replace(
+            layer.sparse.w_h, col_ids=None, values_t=None))) for layer in weights.layers))
     layer = weights.layers[0].sparse
     if len(weights.layers) != 1 or layer is None or exported.cell != "gru":
         raise SystemExit("--model must be a one-layer GRU LM stored block-sparse")
@@ -48,8 +62,7 @@ def main() -> None:
             else:
                 s = w.layers[0].sparse
                 xp = x @ s.w_i + s.b_i
-                h = recurrence._gates_xla(xp, jnp.zeros((x.shape[0], s.w_h.shape[1])), h,
-                                          s.b_hn, hidden)
+                h = recurrence._cell_update(s, xp, jnp.zeros((x.shape[0], s.w_h.shape[1])), h)
             return inference.linear(w.output, h)[:, None], (h,)
         return forward
 
@@ -68,14 +81,37 @@ def main() -> None:
     dense_forward = lambda v, t, c: model.apply(v, t, c)  # noqa: E731
     fns = {
         "exported": jitted(inference.lm_forward, weights),
+        "unfolded": jitted(inference.lm_forward, unfolded),
+        "plain_layout": jitted(inference.lm_forward, plain),
+        "unfolded_plain_layout": jitted(inference.lm_forward,
+                                        dataclasses.replace(plain, input_table=None)),
         "no_recurrent_product": jitted(partial_forward(False), weights),
         "no_layer": jitted(partial_forward(True), weights),
         "dense": jitted(dense_forward, variables),
         "exported_const": baked(inference.lm_forward, weights),
         "dense_const": baked(dense_forward, variables),
     }
-    for name, seconds in speed.interleaved_medians(fns, args.repeats).items():
-        print(f"{name:22s} {seconds / args.length * 1e6:6.2f} µs per character")
+    wall, cpu = _interleaved(fns, args.repeats)
+    print(f"µs per character: median wall clock, min CPU time of the process ({args.repeats} "
+          "calls each, interleaved)")
+    for name in fns:
+        print(f"{name:22s} {np.median(wall[name]) / args.length * 1e6:6.2f}   "
+              f"{min(cpu[name]) / args.length * 1e6:6.2f}")
+
+
+def _interleaved(fns, repeats):
+    """Wall and process CPU seconds of every call (a loaded machine inflates the wall
+    clock; the CPU time of this process is less affected)."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    wall, cpu = ({name: [] for name in fns} for _ in range(2))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Methods, each on the same masked weights and fresh random inputs, in one process
 - jax: `dense` (jnp.dot on K * mask: cuBLAS), `auto` (`bsrnn.kernels.bsc_matmul`'s default:
   the fastest of dense, xla and pallas measured once per size; the table names its choice),
   `xla` (bsrnn.kernels.bsc_matmul_xla; in
-  CPU mode also `xla_dot` and `xla_fma`, its two product forms, beside its own choice),
+  CPU mode also `xla_dot` and `xla_fma`, its two product forms, beside its own choice, and
+  `xla_layout`, the XLA path on the matrix with `bsc.with_xla_layout`'s precomputed arrays),
   `pallas` (bsrnn.kernels.bsc_matmul_pallas), `bcsr` (jax.experimental.sparse.BCSR,
   element-sparse, timed for 4x4 masks only: its cost does not depend on the block shape).
 - torch (GPU mode): `t_dense` (torch.mm, cuBLAS), `t_csr` (cuSPARSE CSR SpMM), `t_bsr`
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsrnn.kernels import bsc_matmul, bsc_matmul_pallas, bsc_matmul_xla, matmul_impl
-from bsrnn.kernels.bsc import BlockSparseMatrix, from_dense
+from bsrnn.kernels.bsc import BlockSparseMatrix, from_dense, with_xla_layout
 
 MATRICES = {  # name: (in_features, out_features, block sparsity)
     "rnn1760": (1760, 1760, 0.90),
@@ -228,6 +229,10 @@ def jax_methods(bench, name, k_masked, w, dtype, n, block, key, with_bcsr, palla
         for product in ("dot", "fma"):
             op = functools.partial(bsc_matmul_xla, product=product)
             methods[f"xla_{product}"] = (op, (wd,), a.reps_xla)
+        # The XLA path on the matrix with its layout precomputed (`with_xla_layout`: what
+        # `bsrnn.inference` and the recurrent kernels' weight builders pass it).
+        methods["xla_layout"] = (bsc_matmul_xla, (jax.tree.map(jnp.asarray, with_xla_layout(w)),),
+                                 a.reps_xla)
     for label, cfg in pallas_cfgs.items():
         methods[label] = (
             lambda x, w, cfg=cfg: bsc_matmul_pallas(x, w, **cfg),
