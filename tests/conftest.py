@@ -122,7 +122,7 @@ def tiny_lm_config(text: Path, method: str = "bp", steps: int = 12):
     config.prune.sparsity.input = config.prune.sparsity.recurrent = 0.7
     config.prune.sparsity.fc = 0.7
     config.structure.num_modules = 4
-    config.export_timing = False  # model.npz still written; no sampling race (seconds)
+    config.export_timing = False  # model.npz still written; its sampling not timed (seconds)
     return config
 
 
