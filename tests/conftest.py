@@ -4,10 +4,17 @@ default experiment config, so every training test compiles small programs.
 Also a test-wide setting: float32 matrix products at full precision on every backend. On
 GPUs JAX's default float32 matmul may use TF32 (about 1e-3 relative error), which would hide
 real mismatches behind loose tolerances; the references here are float32 or float64.
+
+And one XLA compilation cache for the whole run (``share_compilations``): the tiny training
+runs compile the same programs again and again, in this process, in the xdist workers and
+in the subprocesses the tests start.
 """
 
 import importlib.util
+import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import jax
@@ -15,6 +22,51 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+_OWN_CACHE: list[Path] = []  # the cache folder this process made, and removes at the end
+
+
+def share_compilations() -> None:
+    """JAX's persistent compilation cache, for every program however short its compile, in
+    a fresh folder of this test run: this process, the xdist workers it starts and the
+    subprocesses of the tests use it (through the environment), so nothing compiled by an
+    earlier run is ever read back. A hit returns the executable XLA built for the identical
+    program, devices and flags. A cache folder the caller set is used as it is."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _OWN_CACHE.append(Path(tempfile.mkdtemp(prefix="bsrnn-tests-xla-cache-")))
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_OWN_CACHE[0])
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # JAX read the environment when it was imported, above: set this process's config too.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+share_compilations()
+
+
+def pytest_unconfigure(config):
+    """The run's compilation cache goes once the run is over, by the process that made it
+    (the xdist controller, or the one process without xdist)."""
+    for folder in _OWN_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# Files of the longest tests (subprocesses, whole training runs), started first so that under
+# ``-n 2`` (pyproject's addopts) no long test is left to run alone at the end.
+LONG_FIRST = ("test_sharding.py", "test_notebook.py", "test_launch.py", "test_vmap_sweep.py",
+              "test_train.py", "test_sparse_training.py", "test_bad_inputs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the files of LONG_FIRST first, in that order; the rest keep theirs."""
+    del config
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("abc", "bad", "cafe", "dig", "hij", "fig", "jab")  # 10 letters + space: V = 12
@@ -34,6 +86,17 @@ def write_tiny_text(path: Path, num_words: int = 4000) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory) -> Path:
     return write_tiny_text(tmp_path_factory.mktemp("text") / "tiny.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_run(tiny_text, tmp_path_factory):
+    """``(workdir, state)`` of ``tiny_lm_config(tiny_text)`` trained in one go on this
+    process's one device (12 steps of block pruning, checkpoints at 4, 8 and 12): the
+    reference of the resume, checkpoint and data-parallel tests. Read it, never write it."""
+    from bsrnn import train
+
+    workdir = tmp_path_factory.mktemp("tiny_lm_run")
+    return workdir, train.train_and_evaluate(tiny_lm_config(tiny_text), workdir)
 
 
 def load_config(name: str, arg: str | None = None):
@@ -59,6 +122,7 @@ def tiny_lm_config(text: Path, method: str = "bp", steps: int = 12):
     config.prune.sparsity.input = config.prune.sparsity.recurrent = 0.7
     config.prune.sparsity.fc = 0.7
     config.structure.num_modules = 4
+    config.export_timing = False  # model.npz still written; its sampling not timed (seconds)
     return config
 
 
@@ -99,4 +163,5 @@ def tiny_ds2_config(an4: Path, model: str = "rnn", steps: int = 80):
     config.log_every, config.checkpoint_every, config.eval_every = 10, 40, 40
     config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
     config.prune.freq = 5
+    config.export_timing = False
     return config

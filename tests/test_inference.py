@@ -339,6 +339,7 @@ def test_a_run_exports_its_model_and_the_command_line_uses_it(tiny_text, tmp_pat
     from bsrnn.inference import __main__ as cli
 
     config = tiny_lm_config(tiny_text, steps=8)
+    config.export_timing = True  # the one LM run that times sampling
     state = train.train_and_evaluate(config, tmp_path / "run")
     path = tmp_path / "run" / "model.npz"
     loaded = inference.load(path)

@@ -64,7 +64,7 @@ def train_losses(workdir):
     return [(r["step"], r["split"], r["loss"]) for r in map(json.loads, lines)]
 
 
-def test_eight_devices_give_the_numbers_of_one(tiny_text, tmp_path):
+def test_eight_devices_give_the_numbers_of_one(tiny_text, tiny_lm_run, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(tiny_text), str(tmp_path)],
@@ -75,8 +75,8 @@ def test_eight_devices_give_the_numbers_of_one(tiny_text, tmp_path):
     assert out["shards"] == {"carry": [[1, 16]] * 8, "kernel_replicated": True}
 
     assert jax.device_count() == 1
-    reference = train.train_and_evaluate(tiny_lm_config(tiny_text), tmp_path / "one")
-    ours, theirs = train_losses(tmp_path / "run"), train_losses(tmp_path / "one")
+    one_dir, reference = tiny_lm_run  # the same config trained on this process's one device
+    ours, theirs = train_losses(tmp_path / "run"), train_losses(one_dir)
     assert [r[:2] for r in ours] == [r[:2] for r in theirs]  # same steps, same splits
     # Only the order of the float32 sums over the batch differs.
     np.testing.assert_allclose([r[2] for r in ours], [r[2] for r in theirs], rtol=1e-5)
@@ -88,8 +88,8 @@ def test_eight_devices_give_the_numbers_of_one(tiny_text, tmp_path):
     params = np.load(tmp_path / "params.npz")
     for path, value in flat(reference.params).items():
         np.testing.assert_allclose(params[path], value, rtol=1e-4, atol=1e-5, err_msg=path)
-    one, eight = (json.loads((tmp_path / d / "report.json").read_text())["metrics"]
-                  for d in ("one", "run"))
+    one, eight = (json.loads((d / "report.json").read_text())["metrics"]
+                  for d in (one_dir, tmp_path / "run"))
     assert eight["valid"]["bpc"] == pytest.approx(one["valid"]["bpc"], rel=1e-5)
 
     errors = out["errors"]
@@ -173,7 +173,8 @@ train.train_and_evaluate(tiny_lm_config(Path(text)), workdir)
 """
 
 
-def test_two_processes_give_the_numbers_of_one_and_resume_on_one_device(tiny_text, tmp_path):
+def test_two_processes_give_the_numbers_of_one_and_resume_on_one_device(tiny_text, tiny_lm_run,
+                                                                         tmp_path):
     with socket.socket() as s:  # a free port for the coordinator
         s.bind(("localhost", 0))
         address = f"localhost:{s.getsockname()[1]}"
@@ -192,8 +193,8 @@ def test_two_processes_give_the_numbers_of_one_and_resume_on_one_device(tiny_tex
     assert "bsrnn report" in outputs[0][0] and "bsrnn report" not in outputs[1][0]
     assert (tmp_path / "two" / "checkpoints" / "12" / "state" / "ocdbt.process_1").exists()
 
-    reference = train.train_and_evaluate(tiny_lm_config(tiny_text), tmp_path / "one")
-    ours, theirs = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
+    one_dir, reference = tiny_lm_run  # the same config trained on this process's one device
+    ours, theirs = train_losses(tmp_path / "two"), train_losses(one_dir)
     np.testing.assert_allclose([r[2] for r in ours], [r[2] for r in theirs], rtol=1e-5)
 
     # The 4-device checkpoint of step 8 restores onto this 1-device mesh and goes on.

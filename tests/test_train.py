@@ -28,12 +28,10 @@ def records(workdir):
             for line in lines]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_text, tmp_path_factory):
-    """The reference: 12 steps of block pruning in one go."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    state = train.train_and_evaluate(tiny_lm_config(tiny_text), workdir)
-    return workdir, state
+@pytest.fixture
+def uninterrupted(tiny_lm_run):
+    """The reference: 12 steps of block pruning in one go (conftest's, shared)."""
+    return tiny_lm_run
 
 
 def test_short_run_learns_and_reaches_the_scheduled_sparsity(tiny_text, tmp_path):
@@ -230,6 +228,7 @@ def test_ds2_on_a_tiny_an4_learns_and_reports_cer_and_wer(tmp_path):
     config = tiny_ds2_config(an4, "rnn", steps=200)
     for kind in ("input", "recurrent", "fc"):
         config.prune.sparsity[kind] = 0.5
+    config.export_timing = True  # the one run that times transcription (the LM's: test_inference)
     train.train_and_evaluate(config, tmp_path / "run")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     losses = [r["loss"] for r in records(tmp_path / "run") if r["split"] == "train"]
@@ -240,3 +239,6 @@ def test_ds2_on_a_tiny_an4_learns_and_reports_cer_and_wer(tmp_path):
     assert report["sparsity"]["total"]["sparsity"] == pytest.approx(0.5, abs=0.05)
     assert {"rnn/layer_0_fwd/recurrent", "rnn/layer_0_bwd/input", "fc", "output"} <= set(
         report["sparsity"])
+    export = report["export"]
+    assert export["inference_speedup"] > 0 and len(export["samples"]) == 3
+    assert export["timed"] == "transcribing a batch of 8 test utterances"
