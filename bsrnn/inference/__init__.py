@@ -226,8 +226,10 @@ def measured(weights: Any, batch: int, steps: int, rows: int | None = None) -> A
                 layer.kernel_weights, batch, steps, impl=layer.impl,
                 separate=(forward.impl, backward.impl)))
         if isinstance(layer, Recurrent) and layer.sparse is not None and layer.impl == "auto":
-            return dataclasses.replace(
-                layer, impl=kernels.resolve_impl(layer.sparse, batch, steps))
+            impl = kernels.resolve_impl(layer.sparse, batch, steps)
+            sparse = (kernels.recurrence.with_dense_kernel(layer.sparse) if impl == "dense"
+                      else layer.sparse)  # not rebuilt from the blocks in every loop step
+            return dataclasses.replace(layer, impl=impl, sparse=sparse)
         if (isinstance(layer, Linear) and isinstance(layer.kernel, BlockSparseMatrix)
                 and layer.impl == "auto"):
             return dataclasses.replace(layer, impl=kernels.matmul_impl(

@@ -109,6 +109,9 @@ class SparseGRUWeights(_BlockSparseRecurrence):
       ell_values: (3·Hp/bw, K, bw) or None: those panel rows (zero for padding), the
         fixed-width ("ell") layout of the persistent kernel.
       hidden: H (static).
+      w_h_dense: (H, 3·H) the masked dense recurrent kernel without gate padding, or None:
+        set by `with_dense_kernel` once "dense" is chosen, so a jitted loop that takes the
+        weights as arguments reads it instead of rebuilding it from the blocks every step.
     """
 
     w_i: jax.Array
@@ -118,6 +121,7 @@ class SparseGRUWeights(_BlockSparseRecurrence):
     ell_feat: jax.Array | None
     ell_values: jax.Array | None
     hidden: int = dataclasses.field(metadata={"static": True})
+    w_h_dense: jax.Array | None = None
 
     cell = "gru"
 
@@ -138,12 +142,16 @@ class SparseLSTMWeights(_BlockSparseRecurrence):
       w_h: block-sparse recurrent kernel (H, 4·Hp), Hp = ceil(H / bw)·bw: the gate kernels
         i, f, g, o side by side, each padded with zero columns to Hp.
       hidden: H (static).
+      w_h_dense: (H, 4·H) the masked dense recurrent kernel without gate padding, or None:
+        set by `with_dense_kernel` once "dense" is chosen, so a jitted loop that takes the
+        weights as arguments reads it instead of rebuilding it from the blocks every step.
     """
 
     w_i: jax.Array
     b: jax.Array
     w_h: BlockSparseMatrix
     hidden: int = dataclasses.field(metadata={"static": True})
+    w_h_dense: jax.Array | None = None
 
     cell = "lstm"
 
@@ -158,12 +166,16 @@ class SparseRNNWeights(_BlockSparseRecurrence):
       b: (H,) input and recurrent biases summed.
       w_h: block-sparse recurrent kernel (H, H).
       cell: "rnn" (tanh) or "rnn_clipped_relu" (min(max(·, 0), 20)) (static).
+      w_h_dense: (H, H) the masked dense recurrent kernel without gate padding, or None:
+        set by `with_dense_kernel` once "dense" is chosen, so a jitted loop that takes the
+        weights as arguments reads it instead of rebuilding it from the blocks every step.
     """
 
     w_i: jax.Array
     b: jax.Array
     w_h: BlockSparseMatrix
     cell: str = dataclasses.field(metadata={"static": True})
+    w_h_dense: jax.Array | None = None
 
     def __post_init__(self) -> None:
         if self.cell not in RNN_CELLS:
@@ -427,11 +439,22 @@ def _dense_recurrent(weights: SparseWeights) -> tuple[jax.Array, jax.Array]:
             return w
         return jnp.concatenate([w[:, g * hp:g * hp + hidden] for g in range(gates)], axis=1)
 
-    w = cached_on(weights.w_h, ("recurrent", gates, hidden), unpadded)
+    w = weights.w_h_dense
+    if w is None:
+        w = cached_on(weights.w_h, ("recurrent", gates, hidden), unpadded)
     b = jnp.zeros((gates * hidden,), w.dtype)
     if weights.cell == "gru":
         b = b.at[2 * hidden:].set(jnp.asarray(weights.b_hn).astype(w.dtype))
     return w, b
+
+
+def with_dense_kernel(weights: SparseWeights) -> SparseWeights:
+    """``weights`` carrying their masked dense recurrent kernel (``w_h_dense``, (H,
+    gates·H)), computed here once: what `bsrnn.inference` gives a layer whose "auto" chose
+    "dense". Call it outside `jax.jit`, on concrete weights."""
+    with jax.ensure_compile_time_eval():
+        dense = _dense_recurrent(dataclasses.replace(weights, w_h_dense=None))[0]
+    return dataclasses.replace(weights, w_h_dense=jax.block_until_ready(dense))
 
 
 def _scan(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: str, unroll: int) -> Any:
