@@ -199,6 +199,8 @@ def test_auto_layers_get_the_measured_choice_before_jit(tmp_path, winner):
 
 
 def _depth_layers(depth):
+    if isinstance(depth, inference.Wavefront):
+        return depth.layers
     return (depth.forward, depth.backward) if isinstance(depth, inference.Bidirectional) \
         else depth
 
@@ -233,8 +235,17 @@ def test_ds2_logits_equal_the_masked_dense_model_with_lengths(tmp_path, cell, bi
                     for layer in _depth_layers(depth)]
     assert all(kernels_used)  # every cell, the LSTM included, runs on the kernels
     assert isinstance(loaded.weights.fc.kernel, BlockSparseMatrix)
+    if not bidirectional:  # the two forward depths: one wavefront-ordered recurrence
+        (stack,) = loaded.weights.layers
+        assert isinstance(stack, inference.Wavefront) and len(stack.layers) == 2
+        forced = dataclasses.replace(loaded.weights, layers=(
+            dataclasses.replace(stack, impl="wavefront"),))
+        waved, _ = jax.jit(inference.ds2_forward)(forced, features, lengths)
+        np.testing.assert_allclose(waved, want, rtol=1e-4, atol=1e-4)
+        layered = inference.load(path, wavefront=False)
+        assert all(isinstance(d, tuple) for d in layered.weights.layers)
     fused = [isinstance(depth, inference.Bidirectional) for depth in loaded.weights.layers]
-    assert fused == [bidirectional] * 2
+    assert fused == [bidirectional] * (2 if bidirectional else 1)
     if bidirectional:
         assert all((d.pair is None) == (hidden % 4 != 0) for d in loaded.weights.layers)
     if cell == "lstm":  # both directions in one recurrence: the numbers of the two scans

@@ -136,6 +136,49 @@ class Bidirectional:
                                             self.pair)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Wavefront:
+    """Consecutive forward layers on the kernels run as one wavefront-ordered recurrence
+    (`bsrnn.kernels.sparse_stack`: T + L - 1 sequential steps, not L·T).
+
+    Attributes:
+      layers: the `Recurrent` layers, bottom first (their `impl`s are what "separate" runs).
+      impl: `kernels.sparse_stack`'s: "auto", "wavefront" or "separate" (static).
+    """
+
+    layers: tuple[Recurrent, ...]
+    impl: str = _static(default="auto")
+
+
+def wavefront(layer: Wavefront, x: jax.Array, carry: Any = None,
+              lengths: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+    """x (B, T, D) -> the last layer's outputs (B, T, H) and every layer's final carry:
+    what `recurrent` layer after layer gives."""
+    return kernels.sparse_stack(x, tuple(r.sparse for r in layer.layers), carry,
+                                lengths=lengths, impl=layer.impl,
+                                separate=tuple(r.impl for r in layer.layers))
+
+
+def _wavefronts(depths: tuple, fuse: bool) -> tuple:
+    """DS2's depths with each run of >= 2 consecutive forward-only depths on the kernels
+    as one `Wavefront` (when ``fuse``)."""
+    if not fuse:
+        return depths
+    out, run = [], []
+    for depth in depths + (None,):
+        if (isinstance(depth, tuple) and len(depth) == 1 and depth[0].sparse is not None
+                and not depth[0].reverse):
+            run.append(depth[0])
+            continue
+        out.extend([Wavefront(tuple(run), run[0].impl)] if len(run) > 1 else
+                   [(r,) for r in run])
+        run = []
+        if depth is not None:
+            out.append(depth)
+    return tuple(out)
+
+
 def linear(layer: Linear, x: jax.Array) -> jax.Array:
     """(..., D) -> (..., F): `bsc_matmul` for a block-sparse kernel, `jnp.dot` otherwise."""
     if isinstance(layer.kernel, BlockSparseMatrix):
@@ -219,6 +262,11 @@ def measured(weights: Any, batch: int, steps: int, rows: int | None = None) -> A
     rows = batch * steps if rows is None else rows
 
     def resolve(layer: Any) -> Any:
+        if isinstance(layer, Wavefront):  # the layers first: "separate" runs them
+            layer = dataclasses.replace(layer, layers=tuple(resolve(r) for r in layer.layers))
+            return dataclasses.replace(layer, impl=kernels.resolve_stack_impl(
+                tuple(r.sparse for r in layer.layers), batch, steps, impl=layer.impl,
+                separate=tuple(r.impl for r in layer.layers)))
         if isinstance(layer, Bidirectional):  # the directions first: "separate" runs them
             forward, backward = resolve(layer.forward), resolve(layer.backward)
             layer = dataclasses.replace(layer, forward=forward, backward=backward)
@@ -237,7 +285,8 @@ def measured(weights: Any, batch: int, steps: int, rows: int | None = None) -> A
         return layer
 
     return jax.tree_util.tree_map(
-        resolve, weights, is_leaf=lambda x: isinstance(x, Recurrent | Linear | Bidirectional))
+        resolve, weights,
+        is_leaf=lambda x: isinstance(x, Recurrent | Linear | Bidirectional | Wavefront))
 
 
 # ----------------------------------------------------------------------------------------
@@ -565,8 +614,9 @@ class DS2Weights:
     """A DS2 model's layers (see `bsrnn.models.ds2`)."""
 
     conv: tuple[dict, ...]
-    # per depth: (fwd,), (fwd, bwd) run one after the other, or a Bidirectional
-    layers: tuple[tuple[Recurrent, ...] | Bidirectional, ...]
+    # per depth: (fwd,), (fwd, bwd) run one after the other, or a Bidirectional; or a
+    # Wavefront of consecutive forward depths
+    layers: tuple[tuple[Recurrent, ...] | Bidirectional | Wavefront, ...]
     row_conv: Any
     fc: Linear
     output: Linear
@@ -588,6 +638,9 @@ def ds2_forward(weights: DS2Weights, features: jax.Array, lengths: jax.Array
         x = ds2._zero_padding(ds2.clipped_relu(x), lengths)
     x = x.reshape(x.shape[0], x.shape[1], -1)
     for depth in weights.layers:
+        if isinstance(depth, Wavefront):
+            x = wavefront(depth, x, None, lengths)[0]
+            continue
         outputs = (bidirectional(depth, x, None, lengths)[0] if isinstance(depth, Bidirectional)
                    else [recurrent(layer, x, None, lengths)[0] for layer in depth])
         x = jnp.concatenate(outputs, -1)
@@ -725,7 +778,7 @@ def masked_dense(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 
 def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None,
-         fuse_directions: bool = True) -> LanguageModel | SpeechModel:
+         fuse_directions: bool = True, wavefront: bool = True) -> LanguageModel | SpeechModel:
     """Loads an exported model (`bsrnn.export`, e.g. a run's `<workdir>/model.npz`).
 
     Args:
@@ -738,6 +791,9 @@ def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None,
         (half precision is emulated there) and the file's dtype elsewhere.
       fuse_directions: run each bidirectional DS2 depth whose directions are on the kernels
         as one recurrence (`Bidirectional`); False: the directions one after the other.
+      wavefront: run consecutive forward-only DS2 depths on the kernels as one
+        wavefront-ordered recurrence (`Wavefront`; "auto" times it against the layers run
+        one after the other); False: one after the other.
 
     A language model's first layer on the kernels gets its input projection of every token
     precomputed (`fold_input_projection`), where that table is small.
@@ -766,10 +822,10 @@ def load(path: str | os.PathLike, *, impl: str = "auto", dtype: Any = None,
             return LanguageModel(fold_input_projection(weights), info)
         rnn = params["rnn"]
         suffixes = ("_fwd", "_bwd") if kwargs.get("bidirectional", True) else ("",)
-        layers = tuple(_paired(
+        layers = _wavefronts(tuple(_paired(
             tuple(_recurrent(rnn[f"layer_{i}{s}"], cell, impl, dtype, reverse=s == "_bwd")
                   for s in suffixes), fuse_directions)
-            for i in range(int(kwargs.get("num_layers", 3))))
+            for i in range(int(kwargs.get("num_layers", 3)))), wavefront)
         num_conv = len(kwargs.get("conv_features", (32, 32)))
         weights = DS2Weights(
             conv=tuple(_cast(params[f"conv_{i}"], dtype) for i in range(num_conv)),

@@ -4,7 +4,8 @@
 `sparse_gru`, `sparse_lstm` and `sparse_rnn` run whole sequences with block-sparse recurrent
 weights (`bsrnn.kernels.recurrence`), with `lengths` and `reverse` as in
 `bsrnn.cells.RecurrentLayer`; `sparse_bidirectional` runs a bidirectional layer's two
-directions as one recurrence. Each takes `impl=`; the default "auto" runs the fastest
+directions as one recurrence; `sparse_stack` runs a stack of forward layers as one
+wavefront-ordered recurrence. Each takes `impl=`; the default "auto" runs the fastest
 implementation measured on this device for these sizes, the dense product included
 (`bsrnn.kernels.autotune`), so it is never slower than dense.
 """
@@ -33,6 +34,7 @@ from bsrnn.kernels.recurrence import (
     projected_sequence,
     resolve_bidirectional_impl,
     resolve_impl,
+    resolve_stack_impl,
     sparse_bidirectional,
     sparse_gru,
     sparse_gru_weights,
@@ -40,6 +42,7 @@ from bsrnn.kernels.recurrence import (
     sparse_lstm_weights,
     sparse_rnn,
     sparse_rnn_weights,
+    sparse_stack,
 )
 from bsrnn.kernels.xla import bsc_matmul_xla
 
@@ -60,8 +63,10 @@ __all__ = [
     "matmul_impl",
     "projected_sequence",
     "resolve_bidirectional_impl",
+    "resolve_stack_impl",
     "resolve_impl",
     "sparse_bidirectional",
+    "sparse_stack",
     "sparse_gru",
     "sparse_gru_weights",
     "sparse_lstm",

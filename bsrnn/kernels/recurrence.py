@@ -1114,3 +1114,192 @@ def sparse_bidirectional(
     """
     return _bidirectional(x, weights, carry0, lengths, impl, unroll, separate,
                           kernel_options)
+
+
+# ----------------------------------------------------------------------------------------
+# A stack of unidirectional layers as one recurrence in wavefront order.
+
+
+def _stack_checked(layers: tuple[SparseWeights, ...], x: jax.Array, carry0: Any,
+                   lengths: jax.Array | None) -> tuple[int, int, Any, tuple, Any]:
+    """(batch, steps, dtype, every layer's initial carry, lengths), checked."""
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("a wavefront stack needs at least one layer")
+    if len({w.cell for w in layers}) != 1:
+        raise ValueError(f"the stacked layers must share a cell, got {[w.cell for w in layers]}")
+    for below, above in zip(layers, layers[1:], strict=False):
+        if int(np.shape(above.w_i)[0]) != below.hidden:
+            raise ValueError(f"layer input width {np.shape(above.w_i)[0]} != the width "
+                             f"{below.hidden} of the layer below it")
+    carry0 = (None,) * len(layers) if carry0 is None else tuple(carry0)
+    if len(carry0) != len(layers):
+        raise ValueError(f"one initial carry per layer ({len(layers)}), got {len(carry0)}")
+    batch, steps, dtype, first, lengths = _checked_inputs(x, layers[0], carry0[0], lengths)
+    carries = (first, *(_initial_carry(c, w, batch, dtype)
+                        for w, c in zip(layers[1:], carry0[1:], strict=True)))
+    return batch, steps, dtype, carries, lengths
+
+
+def _wavefront_dense(xp0: jax.Array, layers: tuple[SparseWeights, ...], parts: tuple,
+                     lengths: jax.Array | None, unroll: int) -> tuple[jax.Array, tuple]:
+    """The wavefront scan on the masked dense kernels: T + L - 1 steps; at step s layer l
+    advances its time t = s - l (a state changes only where 0 <= t < length). Layer 0 reads
+    its hoisted projection xp0 (T, B, gates·H_0); layer l >= 1 projects layer l-1's state
+    of the step before (its output at time t) inside the step. With equal H the L
+    recurrent products are one G = L batched product (`cells.cell_step`'s module form)
+    and the L - 1 input products one G = L - 1 product.
+
+    Returns the last layer's states (T, B, H_{L-1}) (rows past a length: whatever, the
+    caller zeroes them) and each layer's final carry parts."""
+    cell, depth = layers[0].cell, len(layers)
+    steps, batch, _ = xp0.shape
+    dtype = xp0.dtype
+    lstm = cell == "lstm"
+    dense = [_dense_recurrent(w) for w in layers]
+    w_i = [jnp.asarray(w.w_i).astype(dtype) for w in layers[1:]]
+    b_i = [jnp.asarray(w.b_i if cell == "gru" else w.b).astype(dtype) for w in layers[1:]]
+    stacked = len({w.hidden for w in layers}) == 1
+    if stacked:
+        w_h = jnp.stack([w for w, _ in dense]).astype(dtype)
+        b_h = jnp.stack([b for _, b in dense])[:, None].astype(dtype)
+        carry0 = tuple(jnp.stack(p) for p in zip(*parts, strict=True))
+        if depth > 1:
+            w_in, b_in = jnp.stack(w_i), jnp.stack(b_i)[:, None]
+    else:
+        w_h = [w.astype(dtype) for w, _ in dense]
+        b_h = [b.astype(dtype) for _, b in dense]
+        carry0 = tuple(parts)
+    limit = jnp.full((batch,), steps) if lengths is None else lengths
+    padded = jnp.concatenate([xp0, jnp.zeros((depth - 1, *xp0.shape[1:]), dtype)])
+
+    def valid(s: jax.Array, layer: int) -> jax.Array:  # (B, 1): layer's t = s - l counts
+        t = s - layer
+        return ((t >= 0) & (t < limit))[:, None]
+
+    def step(carry, inputs):
+        s, xp_0 = inputs
+        if stacked:
+            h = carry[0]  # (L, B, H): each layer's output at its previous time
+            xp = xp_0[None] if depth == 1 else jnp.concatenate(
+                [xp_0[None], jnp.einsum("kbi,kig->kbg", h[:-1], w_in) + b_in])
+            new, _ = cells.cell_step(cell, carry if lstm else h, xp, w_h, b_h)
+            new = new if lstm else (new,)
+            mask = jnp.stack([valid(s, layer) for layer in range(depth)])
+            carry = tuple(jnp.where(mask, n, o) for n, o in zip(new, carry, strict=True))
+            return carry, carry[0][-1]
+        out = []
+        for layer in range(depth):
+            xp = xp_0 if layer == 0 else jnp.dot(carry[layer - 1][0], w_i[layer - 1]) + b_i[
+                layer - 1]
+            old = carry[layer]
+            new, _ = cells.cell_step(cell, old if lstm else old[0], xp, w_h[layer], b_h[layer])
+            new = new if lstm else (new,)
+            out.append(tuple(jnp.where(valid(s, layer), n, o)
+                             for n, o in zip(new, old, strict=True)))
+        carry = tuple(out)
+        return carry, carry[-1][0]
+
+    final, ys = jax.lax.scan(step, carry0, (jnp.arange(steps + depth - 1), padded),
+                             unroll=unroll)
+    if stacked:
+        final = tuple(tuple(p[layer] for p in final) for layer in range(depth))
+    return ys[depth - 1:], final
+
+
+def _stack(x: jax.Array, layers: tuple[SparseWeights, ...], carry0: Any,
+           lengths: jax.Array | None, impl: str, unroll: int, separate: tuple[str, ...]
+           ) -> tuple[jax.Array, tuple]:
+    """`sparse_stack`: "separate" runs `_sequence` layer after layer; "wavefront" the one
+    scan of `_wavefront_dense`."""
+    layers = tuple(layers)
+    separate = tuple(separate) if separate else ("auto",) * len(layers)
+    if len(separate) != len(layers):
+        raise ValueError(f"separate needs one impl per layer ({len(layers)}), got {separate}")
+    batch, steps, dtype, carries, lengths = _stack_checked(layers, x, carry0, lengths)
+    impl = resolve_stack_impl(layers, batch, steps, dtype, impl, separate)
+    if impl == "separate":
+        finals = []
+        for w, c, i in zip(layers, carries, separate, strict=True):
+            x, c = _sequence(x, w, c, lengths, False, i, unroll, {})
+            finals.append(c)
+        return x, tuple(finals)
+    if impl != "wavefront":
+        raise ValueError(f"impl must be 'auto', 'wavefront' or 'separate', got {impl!r}")
+    lstm = layers[0].cell == "lstm"
+    parts = tuple(c if lstm else (c,) for c in carries)
+    if steps == 0:
+        return jnp.zeros((batch, 0, layers[-1].hidden), dtype), carries
+    xp0 = input_projection(x, layers[0]).astype(dtype)
+    ys, finals = _wavefront_dense(xp0, layers, parts, lengths, unroll)
+    outputs, _ = _final_and_outputs((ys,), parts[-1][:1], lengths, steps)
+    return outputs, tuple(f if lstm else f[0] for f in finals)
+
+
+def resolve_stack_impl(layers: tuple[SparseWeights, ...], batch: int, steps: int,
+                       dtype: Any = None, impl: str = "auto",
+                       separate: tuple[str, ...] | None = None) -> str:
+    """What `sparse_stack(impl="auto")` runs: "wavefront" (one scan of T + L - 1 steps on
+    the masked dense kernels) or "separate" (the layers one after the other, each on
+    ``separate``'s impl, "auto" measured per layer), measured against each other so that
+    the wavefront is never slower than not; ``impl`` itself when it is not "auto". Call it
+    on concrete weights, outside `jax.jit`, as `resolve_impl`."""
+    if impl != "auto":
+        return impl
+    layers = tuple(layers)
+    separate = tuple(separate) if separate else ("auto",) * len(layers)
+    first = layers[0]
+    dtype = _recurrence_dtype(first) if dtype is None else dtype
+    width = int(np.shape(first.w_i)[0])
+    key = autotune.key("sparse_stack", cell=first.cell, d=width,
+                       h=tuple(w.hidden for w in layers),
+                       block=tuple(w.block_shape for w in layers),
+                       nnzb=tuple(w.w_h.nnzb for w in layers), batch=batch, steps=steps,
+                       dtype=jnp.dtype(dtype).name)
+
+    def make(name: str) -> Callable[[], Any]:
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, steps, width)), dtype)
+        impls = tuple(resolve_impl(w, batch, steps, dtype, i) for w, i in zip(
+            layers, separate, strict=True)) if name == "separate" else separate
+        fn = jax.jit(lambda x: _stack(x, layers, None, None, name, 16, impls)[0])
+        return lambda: fn(x)
+
+    return autotune.choose(key, {"wavefront": lambda: None, "separate": lambda: None}, make,
+                           measurable=autotune.is_concrete(layers),
+                           fallback=("separate",))
+
+
+def sparse_stack(
+    x: jax.Array,
+    layers: tuple[SparseWeights, ...],
+    carry0: tuple[Any, ...] | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    impl: str = "auto",
+    separate: tuple[str, ...] | None = None,
+    unroll: int = 16,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    """A stack of L forward (unidirectional) layers, each reading the one below's outputs,
+    as ONE recurrence in wavefront order: at scan step s layer l advances its time step
+    t = s - l, so T + L - 1 sequential steps instead of L·T (at batch 1 a step is latency
+    bound, so this is up to L times fewer). The numbers are those of `sparse_gru` /
+    `sparse_lstm` / `sparse_rnn` run layer after layer, up to float summation order.
+
+    Args:
+      x: (B, T, D) inputs of the first layer.
+      layers: the layers' prepared weights, bottom first (one cell; layer l's input width
+        is layer l-1's H).
+      carry0: one initial carry per layer (as each layer takes it; None: zeros), or None.
+      lengths: (B,) int valid steps per row (None: all T); each layer's state changes only
+        at its own valid time steps.
+      impl: "auto" (`resolve_stack_impl`), "wavefront" (the one scan on the masked dense
+        kernels: P3's G = L module form of `bsrnn.cells.cell_step` when the layers' H are
+        equal), or "separate" (layer after layer on ``separate``'s impls).
+      separate: the layers' impls when they run separately (default all "auto").
+      unroll: `lax.scan` unroll factor.
+
+    Returns:
+      the last layer's outputs (B, T, H_{L-1}), zero at and past each length, and every
+      layer's final carry (what `sparse_gru` etc. give for it).
+    """
+    return _stack(x, layers, carry0, lengths, impl, unroll, separate)

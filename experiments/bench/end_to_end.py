@@ -16,7 +16,9 @@ model. One process, calls interleaved (sparse, dense, cudnn, sparse, ...), media
   batch 32: utterances per second and real-time factor (compute seconds per second of
   audio, 100 frames a second). Two more columns, timed in the same loop, attribute the
   gain: the exported model with each bidirectional depth's directions run one after the
-  other (`load(fuse_directions=False)`, only for a bidirectional model), and the same
+  other (`load(fuse_directions=False)`, only for a bidirectional model), the exported model
+  with its forward depths run one after the other instead of as one wavefront
+  (`load(wavefront=False)`, column "wavefront off"), and the same
   model exported with no block pruned (every block stored, 100% density) through the same
   engine (how much is sparsity, how much the engine).
 
@@ -243,7 +245,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2000, help="tokens sampled per call")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip", default="",
-                        help="comma-separated: lm, ds2, and the DS2 columns unpruned, separate")
+                        help="comma-separated: lm, ds2, and the DS2 columns unpruned, separate, "
+                        "layered")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
@@ -305,6 +308,9 @@ def main() -> None:
         if "separate" not in skip and any(isinstance(d, inference.Bidirectional)
                                           for d in exported.weights.layers):
             others["separate"] = inference.load(path, fuse_directions=False)
+        if "layered" not in skip and any(isinstance(d, inference.Wavefront)
+                                         for d in exported.weights.layers):
+            others["layered"] = inference.load(path, wavefront=False)
         model, variables = inference.masked_dense(path)
         feats, source = utterances(args.an4)
         kwargs = exported.info["kwargs"]
@@ -337,6 +343,12 @@ def _impls(weights: inference.DS2Weights) -> list[str]:
     """What each recurrent depth ran: the fused impl, or each direction's."""
     out = []
     for depth in weights.layers:
+        if isinstance(depth, inference.Wavefront):
+            if depth.impl != "separate":
+                out.append(f"{depth.impl} ({len(depth.layers)} layers)")
+                continue
+            out.extend(layer.impl for layer in depth.layers)
+            continue
         if isinstance(depth, inference.Bidirectional):
             if depth.impl != "separate":
                 out.append(f"{depth.impl} (fused)")
@@ -371,11 +383,13 @@ def markdown(results: dict) -> str:
         lines += [f"DS2: {ds2_results['model']}; utterances: {ds2_results['utterances']}", "",
                   "utt/s, RTF (ratio: masked dense time / that column's time); 'directions "
                   "separate': the exported model with its bidirectional depths' directions run "
-                  "one after the other; 'no block pruned': the same model at 100% density "
-                  "through the same engine", "",
-                  "| batch | exported sparse | directions separate | no block pruned | "
-                  "masked dense | ratio | ratio, separate | ratio, unpruned | recurrent impls |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "one after the other; 'wavefront off': its forward depths run one after the "
+                  "other (`load(wavefront=False)`); 'no block pruned': the same model at 100% "
+                  "density through the same engine", "",
+                  "| batch | exported sparse | directions separate | wavefront off | "
+                  "no block pruned | masked dense | ratio | ratio, separate | ratio, wavefront "
+                  "off | ratio, unpruned | recurrent impls |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def cell(r, side):
             if f"{side}_utterances_per_s" not in r:
@@ -387,10 +401,12 @@ def markdown(results: dict) -> str:
                           key=lambda k: int(k.split("_")[1])):
             r = ds2_results[key]
             ratios = [f"{r[k]:.2f}x" if k in r else "n/a"
-                      for k in ("speedup", "separate_speedup", "unpruned_speedup")]
+                      for k in ("speedup", "separate_speedup", "layered_speedup",
+                                "unpruned_speedup")]
             lines.append(
                 f"| {key.split('_')[1]} | {cell(r, 'sparse')} | {cell(r, 'separate')} | "
-                f"{cell(r, 'unpruned')} | {cell(r, 'dense')} | {' | '.join(ratios)} | "
+                f"{cell(r, 'layered')} | {cell(r, 'unpruned')} | {cell(r, 'dense')} | "
+                f"{' | '.join(ratios)} | "
                 f"{', '.join(r.get('sparse_impls', []))} |")
     return "\n".join(lines)
 
