@@ -9,6 +9,7 @@ zeroed.
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from bsrnn import cells, export, inference
+from bsrnn import cells, export, inference, kernels
 from bsrnn.kernels.bsc import BlockSparseMatrix
 from bsrnn.models import ds2, lm
 
@@ -416,3 +417,36 @@ def test_input_norm_layers_run_their_layer_norm_on_the_dense_path(tmp_path):
         for depth in plain.layers))
     assert np.abs(np.asarray(inference.ds2_forward(plain, jnp.asarray(features), lengths)[0])
                   - np.asarray(want)).max() > 1e-2
+
+
+def test_a_layer_whose_auto_chose_dense_carries_its_dense_kernel(tmp_path):
+    # measured() gives such a layer its masked dense recurrent kernel once, so a jitted loop
+    # that takes the weights as arguments reads it; the jaxpr has no scatter rebuilding it
+    # from the blocks, and the logits are unchanged.
+    rng = np.random.default_rng(6)
+    kwargs = dict(vocab_size=7, cell="gru", features=8, num_layers=1, embed_dim=4)
+    model = lm.Model(**kwargs)
+    variables = model.init(jax.random.key(6), jnp.zeros((1, 3), jnp.int32))
+    params = _randomised(rng, variables["params"])
+    masks = _random_block_masks(rng, variables["masks"])
+    path = _export(tmp_path, params, masks, dict(LM_INFO, kwargs=kwargs, vocab={
+        "tokens": ["\n", "a", "b", "c", "d", "e", "f"], "unk": None}))
+    loaded = inference.load(path)
+    seconds = dict(dense=1.0, xla=9.0, pallas=9.0, persistent=9.0, mosaic=9.0)
+    with kernels.autotune.using_timer(lambda thunks: {n: seconds[n] for n in thunks}):
+        chosen = loaded.weights_for(1, 5)
+    (layer,) = chosen.layers
+    assert layer.impl == "dense" and layer.sparse.w_h_dense is not None
+    assert not isinstance(chosen.output.kernel, BlockSparseMatrix)
+    kernel = np.concatenate([params["layer_0"][f"recurrent_{g}"]["kernel"]
+                             * masks["layer_0"][f"recurrent_{g}"]["kernel"]
+                             for g in ("r", "z", "n")], axis=1)
+    np.testing.assert_allclose(layer.sparse.w_h_dense, kernel, rtol=1e-6, atol=1e-6)
+    tokens = jnp.asarray(rng.integers(0, 7, (1, 5)), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(inference.lm_forward)(chosen, tokens))
+    # The one scatter left puts b_hn into its (3H,) slot; none rebuilds a kernel from its
+    # blocks (the output layer's dense choice is its dense kernel too).
+    assert re.findall(r"(\w+\[[\d,]*\]) = scatter", jaxpr) == ["f32[24]"]
+    got, _ = inference.lm_forward(chosen, tokens)
+    want, _ = model.apply({"params": params, "masks": masks}, tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

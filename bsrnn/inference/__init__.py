@@ -280,8 +280,11 @@ def measured(weights: Any, batch: int, steps: int, rows: int | None = None) -> A
             return dataclasses.replace(layer, impl=impl, sparse=sparse)
         if (isinstance(layer, Linear) and isinstance(layer.kernel, BlockSparseMatrix)
                 and layer.impl == "auto"):
-            return dataclasses.replace(layer, impl=kernels.matmul_impl(
-                layer.kernel, rows, layer.kernel.dtype))
+            impl = kernels.matmul_impl(layer.kernel, rows, layer.kernel.dtype)
+            if impl == "dense":  # the dense kernel itself, not rebuilt in every loop step
+                return dataclasses.replace(layer, kernel=bsc.dense_kernel(layer.kernel),
+                                           impl=impl)
+            return dataclasses.replace(layer, impl=impl)
         return layer
 
     return jax.tree_util.tree_map(
