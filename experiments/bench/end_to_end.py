@@ -241,6 +241,9 @@ def main() -> None:
     parser.add_argument("--ds2_bidirectional", action="store_true",
                         help="random DS2 model with bidirectional layers")
     parser.add_argument("--ds2_batches", default="1,32", help="DS2 batch sizes timed")
+    parser.add_argument("--ds2_dtype", default=None,
+                        help="computation dtype of the exported DS2 model (float16, ...); "
+                        "the masked dense model stays float32")
     parser.add_argument("--an4", default=configs.data_path("an4"), help="AN4 folder")
     parser.add_argument("--length", type=int, default=2000, help="tokens sampled per call")
     parser.add_argument("--repeats", type=int, default=7)
@@ -301,22 +304,25 @@ def main() -> None:
         path = Path(args.ds2_model) if args.ds2_model else random_ds2(
             folder, args.ds2_features, cell=args.ds2_cell,
             bidirectional=args.ds2_bidirectional)
-        exported = inference.load(path)
+        exported = inference.load(path, dtype=args.ds2_dtype)
         others = {}
         if "unpruned" not in skip:
-            others["unpruned"] = inference.load(unpruned_copy(path, folder))
+            others["unpruned"] = inference.load(unpruned_copy(path, folder),
+                                                dtype=args.ds2_dtype)
         if "separate" not in skip and any(isinstance(d, inference.Bidirectional)
                                           for d in exported.weights.layers):
-            others["separate"] = inference.load(path, fuse_directions=False)
+            others["separate"] = inference.load(path, fuse_directions=False,
+                                                dtype=args.ds2_dtype)
         if "layered" not in skip and any(isinstance(d, inference.Wavefront)
                                          for d in exported.weights.layers):
-            others["layered"] = inference.load(path, wavefront=False)
+            others["layered"] = inference.load(path, wavefront=False, dtype=args.ds2_dtype)
         model, variables = inference.masked_dense(path)
         feats, source = utterances(args.an4)
         kwargs = exported.info["kwargs"]
         results["ds2"]["model"] = str(path) if args.ds2_model else (
             f"RANDOM DS2 {args.ds2_cell} {args.ds2_features}x3"
             f"{' bidirectional' if args.ds2_bidirectional else ''}, 90% of 16x16 blocks")
+        results["ds2"]["dtype"] = str(exported.weights.fc.kernel.dtype)
         results["ds2"]["bidirectional"] = bool(kwargs.get("bidirectional", True))
         results["ds2"]["utterances"] = source
         median = sorted(feats, key=len)[len(feats) // 2]
@@ -380,7 +386,9 @@ def markdown(results: dict) -> str:
         lines.append("")
     ds2_results = results["ds2"]
     if ds2_results:
-        lines += [f"DS2: {ds2_results['model']}; utterances: {ds2_results['utterances']}", "",
+        lines += [f"DS2: {ds2_results['model']}; exported model computes in "
+                  f"{ds2_results['dtype']}, masked dense in float32; utterances: "
+                  f"{ds2_results['utterances']}", "",
                   "utt/s, RTF (ratio: masked dense time / that column's time); 'directions "
                   "separate': the exported model with its bidirectional depths' directions run "
                   "one after the other; 'wavefront off': its forward depths run one after the "

@@ -4,7 +4,7 @@
 # in $OUT/log. Run from the repository root on the device machine, with .whl carried
 # (ml_collections, tensorboardX, tqdm):  STEPS="seq others e2e" bash experiments/bench/h200_session.sh
 # STEPS picks the benchmarks (default: all, in this order): tests seq others e2e ds2step bd matmul
-# (and e2e_ds2, only when named);
+# (and e2e_ds2, e2e_bi, st, only when named);
 # OTHER_CASES, OTHER_BLOCKS, OTHER_METHODS, OTHER_BUDGET narrow "others". COMMIT names the commit
 # (the device's copy of .git is the session's first checkout, so rev-parse there is stale).
 set -u
@@ -33,14 +33,18 @@ step others $((${OTHER_BUDGET:-95} + 15)) $SEQ --cases ${OTHER_CASES:-lstm:1500,
 step e2e 90 python3 experiments/bench/end_to_end.py --repeats 5 --json=$R/e2e.json --markdown=$R/e2e.md
 # DS2 at B = 1 only: the AN4 GRU (unidirectional) with its unpruned copy through the same
 # engine, then the same GRU bidirectional, fused directions against separate (issue 13).
-step e2e_ds2 40 python3 experiments/bench/end_to_end.py --skip=lm --ds2_batches=1 --repeats 5 \
+step e2e_ds2 100 python3 experiments/bench/end_to_end.py --skip=lm --ds2_batches=1 --repeats 5 \
   --json=$R/e2e_ds2.json --markdown=$R/e2e_ds2.md
-step e2e_ds2 50 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2_bidirectional \
+step e2e_ds2 90 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2_dtype=float16 \
+  --ds2_batches=1 --repeats 5 --json=$R/e2e_ds2_fp16.json --markdown=$R/e2e_ds2_fp16.md
+step e2e_bi 60 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2_bidirectional \
   --ds2_batches=1 --repeats 5 --json=$R/e2e_ds2_bi.json --markdown=$R/e2e_ds2_bi.md
+# Sparse training after the freeze (issue 14): masked dense against the frozen kept blocks.
+step st 150 python3 experiments/bench/sparse_training.py --unroll=8 --repeats=10 --impls=xla,pallas \
+  --json=$R/st.json --markdown=$R/st.md
 step ds2step 110 python3 experiments/bench/masked_step.py --model ds2 --repeats 3 --json=$R/ds2step.json
-step bd 70 python3 experiments/bench/block_diagonal.py --unroll=8 --repeats 10 --json=$R/bd.json --markdown=$R/bd.md
-step bd 40 python3 experiments/bench/block_diagonal.py --cells gru --modules 1,8 --unroll=16 --repeats 10 \
-  --json=$R/bd_u16.json --markdown=$R/bd_u16.md
+step bd 150 python3 experiments/bench/block_diagonal.py --cells=gru,lstm --modules=1,8,16 --unroll=8 \
+  --repeats=10 --timed=layer,products --json=$R/bd.json --markdown=$R/bd.md
 step matmul 60 python3 experiments/bench/matmul.py --mode=gpu --budget_s 50 --commit "$C" \
   --json=$R/matmul.json --markdown=$R/matmul.md
 } 2>&1 | tee "$OUT/log"
