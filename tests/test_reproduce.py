@@ -187,3 +187,12 @@ def test_score_percentiles_per_block_size_type_and_layer():
     assert "output" not in got["by_layer"]["4x4"]
     assert got["by_layer"]["4x4"]["rnn/layer_1/input"] == pytest.approx(
         np.percentile(maxima(w["in1z"], 4, 4), 75))
+
+
+def test_match_selects_by_name_or_by_study_and_name():
+    """A run name shared by two studies is picked in one of them with `study/name`."""
+    both = grid._select("an4_blocks_q,an4_layer_q", "^gru512_bp4x4_s0$")
+    one = grid._select("an4_blocks_q,an4_layer_q", "^an4_layer_q/gru512_bp4x4_s0$")
+    assert len(both) == 2 and {r.name for r in both} == {"gru512_bp4x4_s0"}
+    assert len(one) == 1 and one[0] in grid.studies()["an4_layer_q"]
+    assert one[0] not in grid.studies()["an4_blocks_q"]

@@ -398,7 +398,8 @@ def _select(names: str, match: str = "") -> list[Run]:
     unknown = [s for s in chosen if s not in grid]
     if unknown:
         raise SystemExit(f"grid.py: unknown studies {unknown}; known: {sorted(grid)}.")
-    runs = [run for study in chosen for run in grid[study] if re.search(match, run.name)]
+    runs = [run for study in chosen for run in grid[study]
+            if re.search(match, run.name) or re.search(match, f"{study}/{run.name}")]
     missing_q = [r.name for r in runs if _has_nan(list(r.overrides.values()))]
     if missing_q:
         raise SystemExit(f"grid.py: {missing_q} need q from dense runs not yet collected "
@@ -500,7 +501,8 @@ def main() -> None:
     run_parser.add_argument("--workers", type=int, default=1)
     run_parser.add_argument("--deadline", type=float, default=math.inf,
                             help="seconds after which unfinished runs are stopped")
-    run_parser.add_argument("--match", default="", help="only runs whose name matches this")
+    run_parser.add_argument("--match", default="",
+                            help="only runs whose name, or study/name, matches this")
     collect_parser = sub.add_parser("collect", help="copy finished runs to experiments/results")
     collect_parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
