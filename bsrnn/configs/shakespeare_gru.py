@@ -47,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 1000
     config.checkpoint_every = 500
     config.max_checkpoints = 2
+    # The end of training samples/transcribes with the exported model and times it against
+    # the masked dense model (report.json's export entry); False: model.npz only.
+    config.export_timing = True
     config.mesh = configs.mesh(data=-1)  # data parallel over all devices
 
     config.optimizer = configs.optimizer("adam", learning_rate=5e-3, schedule="cosine",

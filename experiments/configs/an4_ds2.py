@@ -68,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 500
     config.checkpoint_every = 500
     config.max_checkpoints = 2
+    # The end of training samples/transcribes with the exported model and times it against
+    # the masked dense model (report.json's export entry); False: model.npz only.
+    config.export_timing = True
     config.mesh = configs.mesh(data=-1)  # data parallel over all devices
 
     if rnn:  # the recipe above (experiments/reproduce/grid.py RECIPES["lnlr5e4"])

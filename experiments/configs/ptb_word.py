@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 2000
     config.checkpoint_every = 2000
     config.max_checkpoints = 2
+    # The end of training samples/transcribes with the exported model and times it against
+    # the masked dense model (report.json's export entry); False: model.npz only.
+    config.export_timing = True
     config.mesh = configs.mesh(data=-1)  # data parallel over all devices
 
     # Plain SGD at 20 with clipping at 0.25, as PyTorch's word_language_model example: our
