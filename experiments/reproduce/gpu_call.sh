@@ -11,7 +11,8 @@
 # it must run in the same call as their training. What collect changed under
 # experiments/results and the log.txt of every unfinished run come back in one archive,
 # $OUT/results.tar.gz (results/: copy it over experiments/results; failed/; raw/: every finished
-# run's report, command and metrics as trained), the log in $OUT/log.
+# run's report, command and metrics as trained; with MODELS=REGEX also the model.npz of the
+# runs whose study/name/model.npz matches), the log in $OUT/log.
 set -u
 STUDIES=$1 MATCH=$2 WORKERS=$3 DEADLINE=$4
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -43,6 +44,14 @@ mkdir -p "$W" "$OUT/failed"
      -o -name metrics.jsonl -o -name dense_scores.json \) -print) | while read -r f; do
     mkdir -p "$OUT/raw/$(dirname "$f")" && cp "$W/$f" "$OUT/raw/$f"
   done
+  # MODELS (a regex of study/name, optional): those runs' exported model.npz too, for
+  # experiments/bench/end_to_end.py --ds2_model (trained files, not random ones).
+  if [ -n "${MODELS:-}" ]; then
+    (cd "$W" && find . -mindepth 3 -maxdepth 3 -name model.npz -print) | while read -r f; do
+      echo "${f#./}" | grep -Eq "$MODELS" || continue
+      mkdir -p "$OUT/raw/$(dirname "$f")" && cp "$W/$f" "$OUT/raw/$f"
+    done
+  fi
   echo "=== $(date +%T) done"
 } 2>&1 | tee "$OUT/log"
 # The device tool returns at most 8 files, 2 folders down: everything travels as one archive.
