@@ -52,6 +52,22 @@ def _randomised(rng, params):
 
 
 LM_INFO = dict(name="lm", unit="char", data="test", step=0, metrics={})
+TINY_TOKENS = ["\n", "a", "b", "c", "d", "e", "f"]
+
+
+def _tiny_lm(tmp_path, seed, **overrides):
+    """A tiny character GRU LM (7 tokens, H = 8 unless ``overrides`` say otherwise) with
+    random params and block masks, exported: (rng, model, params, masks, path)."""
+    rng = np.random.default_rng(seed)
+    kwargs = {**dict(vocab_size=7, cell="gru", features=8, num_layers=1, embed_dim=4),
+              **overrides}
+    model = lm.Model(**kwargs)
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, 3), jnp.int32))
+    params = _randomised(rng, variables["params"])
+    masks = _random_block_masks(rng, variables["masks"])
+    path = _export(tmp_path, params, masks, dict(LM_INFO, kwargs=kwargs, vocab={
+        "tokens": TINY_TOKENS, "unk": None}))
+    return rng, model, params, masks, path
 
 
 @pytest.mark.parametrize("cell, num_layers, mask_output, tie", [
@@ -98,15 +114,8 @@ def test_lm_logits_equal_the_masked_dense_model(tmp_path, cell, num_layers, mask
 
 
 def test_sampling_carries_the_state_like_a_step_by_step_loop(tmp_path):
-    rng = np.random.default_rng(1)
-    kwargs = dict(vocab_size=7, cell="gru", features=8, num_layers=1, embed_dim=4)
-    model = lm.Model(**kwargs)
-    variables = model.init(jax.random.key(1), jnp.zeros((1, 3), jnp.int32))
-    params = _randomised(rng, variables["params"])
-    masks = _random_block_masks(rng, variables["masks"])
-    tokens = ["\n", "a", "b", "c", "d", "e", "f"]
-    path = _export(tmp_path, params, masks,
-                   dict(LM_INFO, kwargs=kwargs, vocab={"tokens": tokens, "unk": None}))
+    _, model, params, masks, path = _tiny_lm(tmp_path, 1)
+    tokens = TINY_TOKENS
     loaded = inference.load(path)
     ids = loaded.sample_ids(20, temperature=0.7, prompt="ab", seed=3)
     # Reference: the Flax model fed one token at a time, Gumbel-max with the same noise.
@@ -131,14 +140,7 @@ def test_the_folded_input_projection_is_the_embedding_times_the_input_kernel(tmp
     # load() folds the first layer's input projection into a (V, 3H) table: row t must be
     # E[t] @ W_i + b (by hand in float64 from the file's arrays), and the model without the
     # table gives the same logits and, with the same seed, the same samples.
-    rng = np.random.default_rng(4)
-    kwargs = dict(vocab_size=7, cell="gru", features=10, num_layers=1, embed_dim=6)
-    model = lm.Model(**kwargs)
-    variables = model.init(jax.random.key(4), jnp.zeros((1, 3), jnp.int32))
-    params = _randomised(rng, variables["params"])
-    masks = _random_block_masks(rng, variables["masks"])
-    path = _export(tmp_path, params, masks, dict(LM_INFO, kwargs=kwargs, vocab={
-        "tokens": ["\n", "a", "b", "c", "d", "e", "f"], "unk": None}))
+    rng, model, params, masks, path = _tiny_lm(tmp_path, 4, features=10, embed_dim=6)
     folded = inference.load(path, impl="xla")  # forced: no measuring (auto is tested above)
     table = np.asarray(folded.weights.input_table)
     layer, embedding = params["layer_0"], np.asarray(params["embed"]["embedding"], np.float64)
@@ -171,14 +173,7 @@ def test_auto_layers_get_the_measured_choice_before_jit(tmp_path, winner):
     # shape's choices are resolved first, on the concrete weights (timings injected here).
     from bsrnn import kernels
 
-    rng = np.random.default_rng(2)
-    kwargs = dict(vocab_size=7, cell="gru", features=8, num_layers=1, embed_dim=4)
-    model = lm.Model(**kwargs)
-    variables = model.init(jax.random.key(2), jnp.zeros((1, 3), jnp.int32))
-    params = _randomised(rng, variables["params"])
-    masks = _random_block_masks(rng, variables["masks"])
-    path = _export(tmp_path, params, masks, dict(LM_INFO, kwargs=kwargs, vocab={
-        "tokens": ["\n", "a", "b", "c", "d", "e", "f"], "unk": None}))
+    rng, model, params, masks, path = _tiny_lm(tmp_path, 2)
     loaded = inference.load(path)
     seconds = {"dense": 1.0, "xla": 2.0} if winner == "dense" else {"dense": 2.0, "xla": 1.0}
     timed = []
@@ -423,14 +418,7 @@ def test_a_layer_whose_auto_chose_dense_carries_its_dense_kernel(tmp_path):
     # measured() gives such a layer its masked dense recurrent kernel once, so a jitted loop
     # that takes the weights as arguments reads it; the jaxpr has no scatter rebuilding it
     # from the blocks, and the logits are unchanged.
-    rng = np.random.default_rng(6)
-    kwargs = dict(vocab_size=7, cell="gru", features=8, num_layers=1, embed_dim=4)
-    model = lm.Model(**kwargs)
-    variables = model.init(jax.random.key(6), jnp.zeros((1, 3), jnp.int32))
-    params = _randomised(rng, variables["params"])
-    masks = _random_block_masks(rng, variables["masks"])
-    path = _export(tmp_path, params, masks, dict(LM_INFO, kwargs=kwargs, vocab={
-        "tokens": ["\n", "a", "b", "c", "d", "e", "f"], "unk": None}))
+    rng, model, params, masks, path = _tiny_lm(tmp_path, 6)
     loaded = inference.load(path)
     seconds = dict(dense=1.0, xla=9.0, pallas=9.0, persistent=9.0, mosaic=9.0)
     with kernels.autotune.using_timer(lambda thunks: {n: seconds[n] for n in thunks}):
