@@ -119,6 +119,39 @@ def _stat(event, key):
     return None
 
 
+def gpu_kernel_events(run, dump=False):
+    """The GPU kernels that ``run()`` launches, from one profiler trace.
+
+    Returns:
+      [(kernel name, XLA module name, duration in ns)] in launch order per stream, memcpy
+      and memset left out; empty when the trace holds no GPU kernels (a CPU run).
+    """
+    from jax.profiler import ProfileData
+
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    try:
+        run()
+    finally:
+        jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+    planes = [p for f in files for p in ProfileData.from_file(f).planes]
+    shutil.rmtree(d, ignore_errors=True)
+    gpu = [p for p in planes if p.name.startswith("/device:GPU")]
+    events = []
+    for line in gpu[0].lines if gpu else ():
+        if dump:
+            evs = list(line.events)
+            print(f"  [trace] line {line.name!r}: {len(evs)} events", flush=True)
+            for e in evs[:2]:
+                print(f"  [trace]   {e.name[:80]!r} {e.duration_ns} {list(e.stats)[:12]}")
+        if not line.name.startswith("Stream"):
+            continue
+        events += [(e.name, str(_stat(e, "hlo_module") or "").rstrip("_"), e.duration_ns)
+                   for e in line.events if not e.name.startswith(("Memcpy", "Memset"))]
+    return events
+
+
 def profile_jax(jobs, calls, dump=False):
     """Device (kernel) time per op of several jitted jobs, from one profiler trace.
 
@@ -133,36 +166,15 @@ def profile_jax(jobs, calls, dump=False):
       counted), and the kernel launches per op. Empty when the trace holds no GPU kernels
       (then callers fall back to wall time).
     """
-    from jax.profiler import ProfileData
 
-    d = tempfile.mkdtemp()
-    jax.profiler.start_trace(d)
-    try:
+    def run():
         for fn, args, _ in jobs.values():
             for _ in range(calls):
                 jax.block_until_ready(fn(*args))
-    finally:
-        jax.profiler.stop_trace()
-    files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-    planes = [p for f in files for p in ProfileData.from_file(f).planes]
-    shutil.rmtree(d, ignore_errors=True)
-    gpu = [p for p in planes if p.name.startswith("/device:GPU")]
-    if not gpu:
-        return {}
+
     kernels = {}  # module name -> [kernel durations (ns)]
-    for line in gpu[0].lines:
-        if dump:
-            evs = list(line.events)
-            print(f"  [trace] line {line.name!r}: {len(evs)} events", flush=True)
-            for e in evs[:2]:
-                print(f"  [trace]   {e.name[:80]!r} {e.duration_ns} {list(e.stats)[:12]}")
-        if not line.name.startswith("Stream"):
-            continue
-        for e in line.events:
-            if e.name.startswith(("Memcpy", "Memset")):
-                continue
-            module = str(_stat(e, "hlo_module") or "").rstrip("_")
-            kernels.setdefault(module, []).append(e.duration_ns)
+    for _, module, duration in gpu_kernel_events(run, dump):
+        kernels.setdefault(module, []).append(duration)
     out = {}
     for label, (_, _, reps) in jobs.items():
         durations = kernels.get(f"jit_run_{label}")
