@@ -4,7 +4,7 @@
 # in $OUT/log. Run from the repository root on the device machine, with .whl carried
 # (ml_collections, tensorboardX, tqdm):  STEPS="seq others e2e" bash experiments/bench/h200_session.sh
 # STEPS picks the benchmarks (default: all, in this order): tests seq others e2e ds2step bd matmul
-# (and e2e_ds2, e2e_bi, st, only when named);
+# (and e2e_ds2, e2e_bi, st, bdk, e2e_trained (needs DS2_MODEL), only when named);
 # OTHER_CASES, OTHER_BLOCKS, OTHER_METHODS, OTHER_BUDGET narrow "others". COMMIT names the commit
 # (the device's copy of .git is the session's first checkout, so rev-parse there is stale).
 set -u
@@ -45,6 +45,13 @@ step st 150 python3 experiments/bench/sparse_training.py --unroll=8 --repeats=10
 step ds2step 110 python3 experiments/bench/masked_step.py --model ds2 --repeats 3 --json=$R/ds2step.json
 step bd 150 python3 experiments/bench/block_diagonal.py --cells=gru,lstm --modules=1,8,16 --unroll=8 \
   --repeats=10 --timed=layer,products --json=$R/bd.json --markdown=$R/bd.md
+# Where a block-diagonal step's time goes (issue 14): GPU kernels per step, GRU G = 1 and 8.
+step bdk 90 python3 experiments/bench/block_diagonal.py --cells=gru --modules=1,8 --unroll=8 \
+  --repeats=5 --timed=layer,products --kernels --json=$R/bdk.json --markdown=$R/bdk.md
+# A trained DS2 file (DS2_MODEL=path, e.g. brought back by gpu_call.sh MODELS=...; issue 13).
+[ -n "${DS2_MODEL:-}" ] && step e2e_trained 120 python3 experiments/bench/end_to_end.py --skip=lm \
+  --ds2_model="$DS2_MODEL" --ds2_batches=1,32 --repeats 5 --json=$R/e2e_trained.json \
+  --markdown=$R/e2e_trained.md
 step matmul 60 python3 experiments/bench/matmul.py --mode=gpu --budget_s 50 --commit "$C" \
   --json=$R/matmul.json --markdown=$R/matmul.md
 } 2>&1 | tee "$OUT/log"
