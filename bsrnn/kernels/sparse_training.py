@@ -13,7 +13,9 @@ h @ W_h with W_h block-sparse (BSC, :mod:`bsrnn.kernels.bsc`), gates side by sid
   product by the same implementation, with W_hᵀ stored as BSC too (the same blocks
   transposed, ordered by W_h's block rows, so its sum over blocks is a sorted segment sum, no
   scatter); the weight gradient only for the kept blocks, dW_k = h[:, rows of k]ᵀ @
-  dy[:, cols of k], shape (nnzb, bh, bw).
+  dy[:, cols of k], shape (nnzb, bh, bw), either as nnzb small products of gathered rows
+  and columns or as the kept blocks of one dense product hᵀ @ dy
+  (:attr:`FrozenBlocks.weight_grad`).
 
 The layer's recurrence (:func:`bsrnn.cells.hoisted_recurrence`, the default) calls the
 dh-only product (:meth:`SparseRecurrentKernel.transposed_product`) at each backward step and
@@ -73,6 +75,20 @@ class FrozenBlocks:
         "pallas" (the Triton kernel, GPUs only), "pallas_interpret" (the same kernel in
         the Pallas interpreter, any backend, slow: tests), or "auto": "pallas" where the
         default backend is a GPU, else "xla".
+      weight_grad: how the backward computes the kept blocks' weight gradient from the
+        product's input h (N, H) and output cotangent dy (N, gates·Hp) (N = T·B rows in the
+        hoisted VJP): "blocks", one batched product over the kept blocks, dW_k = h[:, rows
+        of k]ᵀ @ dy[:, cols of k], on two gathered (N, nnzb, bh) and (N, nnzb, bw) copies
+        (a fraction nnzb/blocks of the multiply-adds, but the gathers move 2·N·nnzb·16
+        values and the small batched products run slowly on GPUs); "dense", ONE dense
+        product dW = hᵀ @ dy (H, gates·Hp), as the masked dense layer's, then its kept
+        blocks (:func:`gather_blocks`); "auto": "dense" on every backend.
+        ``experiments/bench/sparse_training.py --weight_grads=blocks,dense`` measured
+        "dense" as fast as or faster than "blocks" on CPUs at 90% pruned 16x16 blocks (GRU H
+        = 256 and 512, see the module docstring of the bench), and on GPUs the GEMM runs
+        on tensor cores where the gathers are memory traffic. Both run at the default
+        matmul precision (``jax_default_matmul_precision``), as the masked dense layer's
+        weight gradient does (TF32 on recent GPUs unless set to "highest").
     """
 
     hidden: int
@@ -85,6 +101,7 @@ class FrozenBlocks:
     t_order: np.ndarray = dataclasses.field(repr=False)
     t_col_ptr: np.ndarray = dataclasses.field(repr=False)
     impl: str = "auto"
+    weight_grad: str = "auto"
 
     @property
     def nnzb(self) -> int:
@@ -98,11 +115,15 @@ class FrozenBlocks:
 
     @classmethod
     def from_masks(cls, masks: Sequence[Any], gates: Sequence[str],
-                   block_shape: tuple[int, int], impl: str = "auto") -> FrozenBlocks:
+                   block_shape: tuple[int, int], impl: str = "auto",
+                   weight_grad: str = "auto") -> FrozenBlocks:
         """The structure of the (H, H) masks of a layer's gates (concrete, block-structured
-        for ``block_shape``; ``ValueError`` otherwise); ``impl`` as the attribute."""
+        for ``block_shape``; ``ValueError`` otherwise); ``impl`` and ``weight_grad`` as the
+        attributes."""
         if impl not in PRODUCT_IMPLS:
             raise ValueError(f"impl={impl!r}: choose one of {PRODUCT_IMPLS}.")
+        if weight_grad not in WEIGHT_GRADS:
+            raise ValueError(f"weight_grad={weight_grad!r}: choose one of {WEIGHT_GRADS}.")
         hidden = int(np.shape(masks[0])[0])
         if any(np.shape(m) != (hidden, hidden) for m in masks):
             raise ValueError(f"recurrent masks must be (H, H), got {[np.shape(m) for m in masks]}.")
@@ -115,7 +136,7 @@ class FrozenBlocks:
         as_int = functools.partial(np.asarray, dtype=np.int32)
         return cls(hidden, tuple(gates), tuple(block_shape), keep,
                    as_int(row_indices), as_int(col_ptr), as_int(col_ids), as_int(t_order),
-                   as_int(t_col_ptr), impl)
+                   as_int(t_col_ptr), impl, weight_grad)
 
     def product_impl(self) -> str:
         """The ``impl`` the products run now: "auto" resolved for the default backend."""
@@ -123,15 +144,21 @@ class FrozenBlocks:
             return self.impl
         return "pallas" if jax.default_backend() == "gpu" else "xla"
 
+    def weight_grad_mode(self) -> str:
+        """The ``weight_grad`` the backward runs now: "auto" resolved (to "dense")."""
+        return "dense" if self.weight_grad == "auto" else self.weight_grad
+
 
 def freeze(masks: Any, block_shape: tuple[int, int],
-           impl: str = "auto") -> FrozenDict[str, FrozenBlocks]:
+           impl: str = "auto", weight_grad: str = "auto") -> FrozenDict[str, FrozenBlocks]:
     """The frozen structure of every :class:`bsrnn.cells.RecurrentLayer` in a masks tree.
 
     Args:
       masks: a model's ``masks`` collection (concrete: numpy or device arrays).
       block_shape: (bh, bw) the recurrent masks were pruned with.
       impl: the per-step products' implementation (:attr:`FrozenBlocks.impl`).
+      weight_grad: how the kept blocks' weight gradient is computed ("blocks", "dense" or
+        "auto", :attr:`FrozenBlocks.weight_grad`).
 
     Returns:
       ``{layer path ("layer_0", "rnn/layer_1_fwd", ...): FrozenBlocks}``, for the models'
@@ -148,7 +175,7 @@ def freeze(masks: Any, block_shape: tuple[int, int],
             raise ValueError(f"{'/'.join(layer)} has recurrent gates {sorted(gate_masks)}, "
                              f"not those of a cell in {cells.GATES}.")
         frozen["/".join(layer)] = FrozenBlocks.from_masks(
-            [gate_masks[g] for g in gates], gates, block_shape, impl)
+            [gate_masks[g] for g in gates], gates, block_shape, impl, weight_grad)
     return FrozenDict(frozen)
 
 
@@ -168,6 +195,7 @@ def _transposed(blocks_: FrozenBlocks, values: jax.Array) -> BlockSparseMatrix:
 
 
 PRODUCT_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+WEIGHT_GRADS = ("auto", "blocks", "dense")
 
 
 def _bsc_product(blocks_: FrozenBlocks, x: jax.Array, w: BlockSparseMatrix) -> jax.Array:
@@ -208,27 +236,51 @@ def _matmul_fwd(blocks_, h, values):
 
 def _matmul_bwd(blocks_, residuals, dy):
     h, values = residuals
-    (bh, bw), nbr = blocks_.block_shape, blocks_.keep.shape[1]
     dh = transposed_matmul(blocks_, dy, values).astype(h.dtype)
-    hb = jnp.pad(h, ((0, 0), (0, nbr * bh - h.shape[1]))).reshape(h.shape[0], nbr, bh)
-    dyb = dy.reshape(dy.shape[0], -1, bw)
-    h_rows = jnp.take(hb, blocks_.row_indices, axis=1)  # (B, nnzb, bh)
-    dy_cols = jnp.take(dyb, blocks_.col_ids, axis=1)  # (B, nnzb, bw)
-    dvalues = jnp.einsum("nkb,nkc->kbc", h_rows, dy_cols,
-                         precision=jax.lax.Precision.HIGHEST).astype(values.dtype)
-    return dh, dvalues
+    return dh, kept_weight_grad(blocks_, h, dy).astype(values.dtype)
 
 
 block_sparse_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def kept_weight_grad(blocks_: FrozenBlocks, h: jax.Array, dy: jax.Array) -> jax.Array:
+    """The weight gradient of :func:`block_sparse_matmul` on the kept blocks, dW_k =
+    h[:, rows of k]ᵀ @ dy[:, cols of k], by ``blocks_.weight_grad_mode()`` (see
+    :attr:`FrozenBlocks.weight_grad`), at the default matmul precision.
+
+    Args:
+      blocks_: the frozen structure.
+      h: (N, H), the product's input.
+      dy: (N, gates·Hp), the cotangent of its output.
+
+    Returns:
+      (nnzb, bh, bw) in BSC order; entries of partial edge blocks outside the kernel are
+      zero.
+    """
+    gates, (bh, bw), nbr = len(blocks_.gates), blocks_.block_shape, blocks_.keep.shape[1]
+    if blocks_.weight_grad_mode() == "dense":
+        return gather_blocks(blocks_, jnp.split(jnp.dot(h.T, dy), gates, axis=1))
+    hb = jnp.pad(h, ((0, 0), (0, nbr * bh - h.shape[1]))).reshape(h.shape[0], nbr, bh)
+    dyb = dy.reshape(dy.shape[0], -1, bw)
+    h_rows = jnp.take(hb, blocks_.row_indices, axis=1)  # (N, nnzb, bh)
+    dy_cols = jnp.take(dyb, blocks_.col_ids, axis=1)  # (N, nnzb, bw)
+    return jnp.einsum("nkb,nkc->kbc", h_rows, dy_cols)
+
+
 def gather_blocks(blocks_: FrozenBlocks, kernels: Sequence[jax.Array]) -> jax.Array:
-    """The kept blocks (nnzb, bh, bw) of the gates' dense (H, H) kernels, in BSC order;
-    entries of partial edge blocks outside the kernel are zero. Differentiable."""
+    """The kept blocks (nnzb, bh, bw) of the gates' dense kernels, in BSC order: each (H, H)
+    (the params) or (H, Hp) (padded to whole block columns, as a gate's columns of the fused
+    kernel); entries of partial edge blocks outside the kernel are zero. Differentiable."""
     (bh, bw), (_, nbr, nbc) = blocks_.block_shape, blocks_.keep.shape
-    h = blocks_.hidden
+    widths = (blocks_.hidden, blocks_.padded)
+    if len(kernels) != len(blocks_.gates) or any(
+            k.shape[0] != blocks_.hidden or k.shape[1] not in widths for k in kernels):
+        raise ValueError(f"gather_blocks: expected {len(blocks_.gates)} kernels, each "
+                         f"(H, H) or (H, Hp): {' or '.join(str((widths[0], w)) for w in widths)}"
+                         f", got {[tuple(k.shape) for k in kernels]}.")
     tiles = jnp.stack([
-        jnp.pad(k, ((0, nbr * bh - h), (0, nbc * bw - h))).reshape(nbr, bh, nbc, bw)
+        jnp.pad(k, ((0, nbr * bh - k.shape[0]), (0, nbc * bw - k.shape[1])))
+        .reshape(nbr, bh, nbc, bw)
         for k in kernels
     ])  # (gates, nbr, bh, nbc, bw)
     gate, col = np.divmod(blocks_.col_ids, nbc)

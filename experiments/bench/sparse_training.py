@@ -11,20 +11,26 @@ block, impl)`` and the hoisted VJP: each step's products h @ W_h and dh = dp @ W
 kept blocks only (``impl``: "xla" is ``bsc_matmul_xla``, "pallas" the Triton kernel of
 ``bsrnn.kernels.bsc_matmul``, "auto" the latter on GPUs), the weight gradient of the kept
 blocks in one product over all steps. ``--old_sparse`` adds the frozen layer with the scan
-autodiff (its custom per-step VJP), the version before the hoisted VJP. The recurrent masks
+autodiff (its custom per-step VJP), the version before the hoisted VJP. Each frozen row names
+its weight gradient (``FrozenBlocks.weight_grad``, "dW blocks": one batched product over
+gathered rows and columns of the kept blocks; "dW dense": one dense product hᵀ @ dy, then its
+kept blocks): without ``--weight_grads`` one row per impl with the default ("auto"), with it
+one row per impl and mode. The recurrent masks
 prune ``--sparsity`` of each gate's blocks at random; the input kernels stay dense in all.
 
 Timed interleaved in one process (median of ``--repeats`` after two warm-up calls), each one
 jitted call: ``layer`` (forward and backward of the layer, T steps, D = H) and ``train
 step`` (Adam and ``keep_masked`` on a mean squared error, what every step after the freeze
 costs); ``--timed`` picks them. The largest differences of the outputs and of the inputs'
-gradients (against the masked dense layer's) check that all compute the same numbers,
-forward and backward; a variant that fails to compile or run (a GPU kernel) is reported
-and left out.
+gradients and of the recurrent kernels' gradients on kept entries (against the masked dense
+layer's) check that all compute the same numbers, forward and backward; a variant that
+fails to compile or run (a GPU kernel) is reported and left out.
 
     python experiments/bench/sparse_training.py --hidden=512 --steps=16 --repeats=5   # CPU
     python experiments/bench/sparse_training.py --unroll=8 --impls=xla,pallas \
         --json=st_h200.json --markdown=st_h200.md                                   # H200
+    python experiments/bench/sparse_training.py --unroll=8 --impls=pallas \
+        --weight_grads=blocks,dense --json=st2.json --markdown=st2.md               # H200
 
 GPU defaults are issue 14's target: GRU 2560, 90% of 16x16 blocks pruned, batch 32
 (target: train step >= 1.5x faster than masked dense).
@@ -79,6 +85,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--impls", default="auto",
                         help="the frozen layer's product impls to time (auto, xla, pallas)")
+    parser.add_argument("--weight_grads", default="",
+                        help="also time the frozen layer with these weight_grad modes "
+                             "(blocks, dense; comma-separated)")
     parser.add_argument("--old_sparse", action="store_true",
                         help="also time the frozen layer with the scan autodiff")
     parser.add_argument("--timed", default="layer,step", help="layer, step or both")
@@ -87,6 +96,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.timed or set(args.timed.split(",")) - {"layer", "step"}:
         parser.error(f"--timed={args.timed!r}: give layer, step or layer,step")
+    weight_grads = [m for m in args.weight_grads.split(",") if m]
+    if set(weight_grads) - set(sparse_training.WEIGHT_GRADS):
+        parser.error(f"--weight_grads={args.weight_grads!r}: choose from "
+                     f"{sparse_training.WEIGHT_GRADS}")
 
     block = (args.block, args.block)
     kx, kc, kt = jax.random.split(jax.random.key(0), 3)
@@ -99,27 +112,38 @@ def main() -> None:
     layers = {"masked dense, scan autodiff": dense.clone(weight_grad="scan"),
               "masked dense, hoisted VJP": dense.clone(weight_grad="hoisted")}
     for impl in args.impls.split(","):
-        frozen = {"": sparse_training.freeze({"layer": variables["masks"]}, block,
-                                             impl)["layer"]}
-        name = f"kept blocks ({frozen[''].product_impl()})"
-        layers[f"{name}, hoisted VJP"] = dense.clone(frozen_recurrent=frozen)
-        if args.old_sparse:
-            layers[f"{name}, scan autodiff"] = dense.clone(frozen_recurrent=frozen,
-                                                          weight_grad="scan")
+        for mode in ["auto", *weight_grads]:  # a mode equal to what auto resolves to: once
+            frozen = {"": sparse_training.freeze({"layer": variables["masks"]}, block, impl,
+                                                 mode)["layer"]}
+            name = (f"kept blocks ({frozen[''].product_impl()}, "
+                    f"dW {frozen[''].weight_grad_mode()})")
+            layers[f"{name}, hoisted VJP"] = dense.clone(frozen_recurrent=frozen)
+            if args.old_sparse and mode == "auto":
+                layers[f"{name}, scan autodiff"] = dense.clone(frozen_recurrent=frozen,
+                                                              weight_grad="scan")
     kinds = args.timed.split(",")
     y_ref, _ = jax.jit(dense.apply)(variables, x)
-    thunks, checks, ref_dx = {}, {}, None
+    thunks, checks, ref = {}, {}, None
+
+    def kept_recurrent(grads):  # the recurrent kernels' gradients on kept entries
+        return [jnp.where(m["kernel"], grads[name]["kernel"], 0) for name, m in
+                variables["masks"].items() if name.startswith("recurrent_")]
+
     for name, layer in list(layers.items()):
         grads = layer_grad(layer, variables, x, cotangent)
         try:  # compiles the forward and backward products of this variant here
             y = jax.jit(layer.apply)(variables, x)[0]
-            dx = grads()[1]
+            d_params, dx = grads()
         except Exception as error:  # e.g. a GPU kernel that cannot run: the others still do
             print(f"{name}: failed, left out: {type(error).__name__}: {error}", flush=True)
             del layers[name]
             continue
-        ref_dx = dx if ref_dx is None else ref_dx
-        checks[name] = (float(jnp.max(jnp.abs(y - y_ref))), float(jnp.max(jnp.abs(dx - ref_dx))))
+        dw = kept_recurrent(d_params)
+        ref = (dx, dw) if ref is None else ref
+        checks[name] = (float(jnp.max(jnp.abs(y - y_ref))), float(jnp.max(jnp.abs(dx - ref[0]))),
+                        max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(dw, ref[1],
+                                                                          strict=True)))
+        del d_params, dx, dw
         if "layer" in kinds:
             thunks[f"{name} layer"] = grads
         if "step" in kinds:
@@ -136,14 +160,15 @@ def main() -> None:
         f"{args.cell} H={args.hidden} B={args.batch} T={args.steps} D={args.hidden} recurrent "
         f"sparsity {args.sparsity} of {block} blocks, unroll={args.unroll}, "
         f"repeats={args.repeats}, float32; ms are medians; ratio = that dense variant's "
-        "time / this row's; max abs diff of y and of dL/dx against masked dense (scan)",
-        "", f"| variant | {' | '.join(header[k] for k in kinds)} | max abs diff y / dx |",
+        "time / this row's; max abs diff of y, of dL/dx and of dL/dW_h (kept entries) "
+        "against masked dense (scan)",
+        "", f"| variant | {' | '.join(header[k] for k in kinds)} | max abs diff y / dx / dW_h |",
         "|---|" + "---|---|" * len(kinds) + "---|",
     ]
     rows = []
     for name in layers:
         row = {"variant": name, "max_abs_diff_y": checks[name][0],
-               "max_abs_diff_dx": checks[name][1]}
+               "max_abs_diff_dx": checks[name][1], "max_abs_diff_dw": checks[name][2]}
         cols = []
         for kind in kinds:
             t = times[f"{name} {kind}"]
@@ -154,7 +179,7 @@ def main() -> None:
                      f"{row[f'{kind}_vs_dense_hoisted']:.2f}"]
         rows.append(row)
         lines.append(f"| {name} | {' | '.join(cols)} | {checks[name][0]:.1e} / "
-                     f"{checks[name][1]:.1e} |")
+                     f"{checks[name][1]:.1e} / {checks[name][2]:.1e} |")
     print("\n".join(lines), flush=True)
     if args.json:
         with open(args.json, "w") as f:
