@@ -1,6 +1,8 @@
 """Sparse training once masks freeze (bsrnn.kernels.sparse_training): a frozen layer's
 block-sparse recurrence against the masked dense layer with the same params and masks, with
-partial edge blocks (H = 10, 4x4 blocks), and its custom VJP against finite differences."""
+partial edge blocks (H = 10, 4x4 blocks), with both ways of computing the kept blocks' weight
+gradient (``weight_grad`` "blocks" and "dense"), and its custom VJP against finite
+differences."""
 
 import functools
 
@@ -65,6 +67,37 @@ def test_product_and_its_vjp_against_dense_and_finite_differences():
         np.testing.assert_allclose(jnp.sum(grad * direction), numeric, rtol=2e-3)
 
 
+def test_both_weight_grads_give_the_kept_blocks_of_the_dense_gradient():
+    # Per gate 3x3 blocks of 4x4 on a 10x10 kernel (partial edge blocks), N = 7 rows.
+    grids = np.random.default_rng(1).random((3, 3, 3)) < 0.5
+    masks = [np.kron(g, np.ones(BLOCKS, bool))[:10, :10] for g in grids]
+    h = np.asarray(jax.random.normal(jax.random.key(11), (7, 10)))
+    dy = np.array(jax.random.normal(jax.random.key(12), (7, 3 * 12)))
+    dy.reshape(7, 3, 12)[:, :, 10:] = 0  # padded columns: zero, as the layer's cotangents
+    h_pad = np.pad(h.astype(np.float64), ((0, 0), (0, 2)))  # (7, 3 block rows · 4)
+    dense = h_pad.T @ dy.astype(np.float64)  # (12, 36), hand-computed in float64
+    for weight_grad in ("blocks", "dense"):
+        frozen = sparse_training.FrozenBlocks.from_masks(masks, ("r", "z", "n"), BLOCKS,
+                                                         weight_grad=weight_grad)
+        assert frozen.weight_grad_mode() == weight_grad
+        got = jax.jit(functools.partial(sparse_training.kept_weight_grad, frozen))(h, dy)
+        assert got.shape == (frozen.nnzb, 4, 4) and frozen.nnzb == grids.sum()
+        for k, (r, c) in enumerate(zip(frozen.row_indices, frozen.col_ids, strict=True)):
+            np.testing.assert_allclose(got[k], dense[4 * r:4 * r + 4, 4 * c:4 * c + 4],
+                                       rtol=1e-5, atol=1e-5)
+        # The two modes run different products: one (H, gates·Hp) GEMM, or nnzb small ones.
+        jaxpr = str(jax.make_jaxpr(sparse_training.kept_weight_grad, static_argnums=0)(
+            frozen, h, dy))
+        assert ("f32[10,36] = dot_general" in jaxpr) == (weight_grad == "dense")
+        assert (f"f32[{frozen.nnzb},4,4] = dot_general" in jaxpr) == (weight_grad == "blocks")
+    # auto: on CPUs "blocks" for few kept weights (as here), else "dense".
+    auto = sparse_training.FrozenBlocks.from_masks(masks, ("r", "z", "n"), BLOCKS)
+    assert auto.weight_grad_mode() == ("blocks" if jax.default_backend() == "cpu" else "dense")
+    big = [np.ones((200, 200), bool)] * 3  # 3·200² kept weights
+    assert sparse_training.FrozenBlocks.from_masks(big, ("r", "z", "n"), BLOCKS) \
+        .weight_grad_mode() == "dense"
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn_clipped_relu"])
 def test_frozen_layers_give_the_masked_dense_numbers_and_gradients(cell):
     model = cells.RNN(cell, 10, num_layers=2)
@@ -72,9 +105,6 @@ def test_frozen_layers_give_the_masked_dense_numbers_and_gradients(cell):
     lengths = jnp.array([6, 2, 4])
     variables = model.init(jax.random.key(5), x, lengths)
     masks = block_masks(variables["masks"], jax.random.key(6))
-    frozen = sparse_training.freeze(masks, BLOCKS)
-    assert sorted(frozen) == ["layer_0", "layer_1"]
-    fast = model.clone(frozen_recurrent=frozen)
     target = jax.random.normal(jax.random.key(7), (3, 6, 10))
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -85,21 +115,28 @@ def test_frozen_layers_give_the_masked_dense_numbers_and_gradients(cell):
 
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
-    (g_fast, gx_fast), y_fast = grads(fast, variables["params"], x)
     (g_ref, gx_ref), y_ref = grads(model, variables["params"], x)
-    np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(y_ref))) > 0.01
-    np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-5, atol=1e-6)
     flat_masks = dict(jax.tree_util.tree_flatten_with_path(masks)[0])
     flat_ref = dict(jax.tree_util.tree_flatten_with_path(g_ref)[0])
-    for path, g in jax.tree_util.tree_flatten_with_path(g_fast)[0]:
-        if path in flat_masks and "recurrent" in jax.tree_util.keystr(path):
-            kept = np.asarray(flat_masks[path])  # kept: equal; pruned: 0
-            np.testing.assert_allclose(np.where(kept, g, 0), np.where(kept, flat_ref[path], 0),
-                                       rtol=1e-5, atol=1e-6)
-            assert np.all(np.asarray(g)[~kept] == 0)
-        else:
-            np.testing.assert_allclose(g, flat_ref[path], rtol=1e-5, atol=1e-6)
+    for weight_grad in ("blocks", "dense"):
+        frozen = sparse_training.freeze(masks, BLOCKS, weight_grad=weight_grad)
+        assert sorted(frozen) == ["layer_0", "layer_1"]
+        assert frozen["layer_1"].weight_grad == weight_grad
+        fast = model.clone(frozen_recurrent=frozen)
+        (g_fast, gx_fast), y_fast = grads(fast, variables["params"], x)
+        np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gx_fast, gx_ref, rtol=1e-5, atol=1e-6)
+        for path, g in jax.tree_util.tree_flatten_with_path(g_fast)[0]:
+            if path in flat_masks and "recurrent" in jax.tree_util.keystr(path):
+                kept = np.asarray(flat_masks[path])  # kept: equal; pruned: 0
+                assert 0 < kept.mean() < 1
+                np.testing.assert_allclose(np.where(kept, g, 0),
+                                           np.where(kept, flat_ref[path], 0),
+                                           rtol=1e-5, atol=1e-6)
+                assert np.all(np.asarray(g)[~kept] == 0)
+            else:
+                np.testing.assert_allclose(g, flat_ref[path], rtol=1e-5, atol=1e-6)
 
 
 def test_masks_other_than_the_frozen_ones_are_caught():
@@ -119,6 +156,11 @@ def test_masks_other_than_the_frozen_ones_are_caught():
     assert np.all(np.isnan(np.asarray(jax.jit(fast.apply)(bad, x)[0])))
     with pytest.raises(ValueError, match="not block-structured for block_shape"):
         sparse_training.freeze({"layer": masks}, (3, 3))
+    with pytest.raises(ValueError, match=r"weight_grad='gemm': choose one of \('auto', "
+                                         r"'blocks', 'dense'\)"):
+        sparse_training.freeze({"layer": masks}, BLOCKS, weight_grad="gemm")
+    with pytest.raises(ValueError, match=r"expected 3 kernels, each \(H, H\) or \(H, Hp\)"):
+        sparse_training.gather_blocks(frozen[""], [jnp.zeros((10, 11))] * 3)
     with pytest.raises(ValueError, match=r"frozen_recurrent's entry is for \('r', 'z', 'n'\)"):
         cells.RecurrentLayer("lstm", 10, frozen_recurrent=frozen).init(jax.random.key(0), x)
 

@@ -79,16 +79,21 @@ class FrozenBlocks:
         product's input h (N, H) and output cotangent dy (N, gates·Hp) (N = T·B rows in the
         hoisted VJP): "blocks", one batched product over the kept blocks, dW_k = h[:, rows
         of k]ᵀ @ dy[:, cols of k], on two gathered (N, nnzb, bh) and (N, nnzb, bw) copies
-        (a fraction nnzb/blocks of the multiply-adds, but the gathers move 2·N·nnzb·16
-        values and the small batched products run slowly on GPUs); "dense", ONE dense
+        (a fraction nnzb/blocks of the multiply-adds, but the gathers write N·nnzb·(bh +
+        bw) values, about 2 GB in float32 at issue 14's H200 shape); "dense", ONE dense
         product dW = hᵀ @ dy (H, gates·Hp), as the masked dense layer's, then its kept
-        blocks (:func:`gather_blocks`); "auto": "dense" on every backend.
-        ``experiments/bench/sparse_training.py --weight_grads=blocks,dense`` measured
-        "dense" as fast as or faster than "blocks" on CPUs at 90% pruned 16x16 blocks (GRU H
-        = 256 and 512, see the module docstring of the bench), and on GPUs the GEMM runs
-        on tensor cores where the gathers are memory traffic. Both run at the default
-        matmul precision (``jax_default_matmul_precision``), as the masked dense layer's
-        weight gradient does (TF32 on recent GPUs unless set to "highest").
+        blocks (:func:`gather_blocks`); "auto": "dense", except on CPUs for at most
+        :data:`CPU_BLOCKS_MAX_KEPT` kept weights (nnzb·bh·bw), where "blocks". Why: the
+        dense product's cost does not depend on the masks, the batched one's grows with
+        nnzb at a few times lower throughput per multiply-add; on GPUs the GEMM runs on
+        tensor cores where the gathers are memory traffic. On a 2-core CPU (dW alone, N =
+        256, 16x16 blocks; ``experiments/bench/sparse_training.py --weight_grads=blocks,
+        dense`` for the whole layer) "blocks" was faster only for few kept weights: GRU H =
+        256 with 10% kept (19.7K weights) 0.60 against 1.47 ms (layer fwd+bwd 5.43 against
+        6.18 ms), as fast at H = 384 / 512 with 10% kept (44K / 79K weights), and 1.2-5x
+        slower at H = 768 / 1024 with 10% kept or with 20-50% kept at any H. Both run at
+        the default matmul precision (``jax_default_matmul_precision``), as the masked dense
+        layer's weight gradient does (TF32 on recent GPUs unless set to "highest").
     """
 
     hidden: int
@@ -145,8 +150,13 @@ class FrozenBlocks:
         return "pallas" if jax.default_backend() == "gpu" else "xla"
 
     def weight_grad_mode(self) -> str:
-        """The ``weight_grad`` the backward runs now: "auto" resolved (to "dense")."""
-        return "dense" if self.weight_grad == "auto" else self.weight_grad
+        """The ``weight_grad`` the backward runs now: "auto" resolved for the default
+        backend and the number of kept weights (see the attribute)."""
+        if self.weight_grad != "auto":
+            return self.weight_grad
+        kept = self.nnzb * self.block_shape[0] * self.block_shape[1]
+        cpu = jax.default_backend() == "cpu"
+        return "blocks" if cpu and kept <= CPU_BLOCKS_MAX_KEPT else "dense"
 
 
 def freeze(masks: Any, block_shape: tuple[int, int],
@@ -196,6 +206,9 @@ def _transposed(blocks_: FrozenBlocks, values: jax.Array) -> BlockSparseMatrix:
 
 PRODUCT_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 WEIGHT_GRADS = ("auto", "blocks", "dense")
+# Kept weights up to which "auto" computes the weight gradient by "blocks" on CPUs (measured,
+# see FrozenBlocks.weight_grad): 128 blocks of 16x16.
+CPU_BLOCKS_MAX_KEPT = 32768
 
 
 def _bsc_product(blocks_: FrozenBlocks, x: jax.Array, w: BlockSparseMatrix) -> jax.Array:
