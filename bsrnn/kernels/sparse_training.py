@@ -90,8 +90,10 @@ class FrozenBlocks:
         256, 16x16 blocks; ``experiments/bench/sparse_training.py --weight_grads=blocks,
         dense`` for the whole layer) "blocks" was faster only for few kept weights: GRU H =
         256 with 10% kept (19.7K weights) 0.60 against 1.47 ms (layer fwd+bwd 5.43 against
-        6.18 ms), as fast at H = 384 / 512 with 10% kept (44K / 79K weights), and 1.2-5x
-        slower at H = 768 / 1024 with 10% kept or with 20-50% kept at any H. Both run at
+        6.18 ms), as fast at H = 384 / 512 with 10% kept (44K / 79K weights; the whole
+        layer at H = 512 4-12% faster with "blocks", left to "dense" since a higher
+        threshold would take "blocks" at 20% kept, H = 384: 2x slower), and 1.2-5x slower
+        at H = 768 / 1024 with 10% kept or with 20-50% kept at any H. Both run at
         the default matmul precision (``jax_default_matmul_precision``), as the masked dense
         layer's weight gradient does (TF32 on recent GPUs unless set to "highest").
     """
