@@ -45,7 +45,6 @@ LSTM (target: G = 8's recurrent time >= 3x lower than dense).
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
 import os
@@ -158,29 +157,6 @@ def median_times(thunks: dict[str, Callable[[], Any]], repeats: int) -> dict[str
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def print_kernels(label: str, thunk: Callable[[], Any], steps: int, calls: int = 3,
-                  top: int = 6) -> None:
-    """Prints the GPU kernels of ``calls`` runs of ``thunk`` (a jitted call of ``steps``
-    recurrent steps), per step: launches and µs by kernel name, the largest ``top``."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from matmul import gpu_kernel_events  # noqa: PLC0415  (the benches' one trace parser)
-
-    events = gpu_kernel_events(lambda: [jax.block_until_ready(thunk()) for _ in range(calls)])
-    if not events:
-        print(f"  kernels {label}: no GPU kernels in the trace", flush=True)
-        return
-    count, total = collections.Counter(), collections.Counter()
-    for name, _, ns in events:
-        count[name] += 1
-        total[name] += ns
-    per = calls * steps
-    print(f"  kernels {label}: {len(events) / per:.2f} launches, "
-          f"{sum(total.values()) / per / 1e3:.2f} us per step", flush=True)
-    for name, ns in total.most_common(top):
-        print(f"    {count[name] / per:6.2f} x {ns / count[name] / 1e3:8.2f} us  {name[:90]}",
-              flush=True)
-
-
 def block_diagonal_masks(masks: Any, modules: int) -> Any:
     """``masks`` with every recurrent mask replaced by P3's ``block_diagonal(G)``."""
     def replace(path, mask):
@@ -239,6 +215,9 @@ def bench(cell: str, modules_list: list[int], args: argparse.Namespace) -> list[
                                                            args.batch, args.steps)
     times = median_times(thunks, args.repeats)
     if args.kernels:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from matmul import print_kernels  # noqa: PLC0415  (the benches' one trace parser)
+
         for key, thunk in thunks.items():
             if key.endswith("products") or key.startswith(("G=", DENSE_HOISTED)):
                 print_kernels(f"{cell} {key}", thunk, args.steps)

@@ -40,8 +40,10 @@ step e2e_ds2 90 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2
 step e2e_bi 60 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2_bidirectional \
   --ds2_batches=1 --repeats 5 --json=$R/e2e_ds2_bi.json --markdown=$R/e2e_ds2_bi.md
 # Sparse training after the freeze (issue 14): masked dense against the frozen kept blocks.
-step st 150 python3 experiments/bench/sparse_training.py --unroll=8 --repeats=10 --impls=xla,pallas \
-  --json=$R/st.json --markdown=$R/st.md
+# Both kept-block weight gradients (dW as one GEMM then gathered, or per block) and where
+# each variant's layer time goes (GPU kernels per step).
+step st 150 python3 experiments/bench/sparse_training.py --unroll=8 --repeats=10 --impls=pallas \
+  --weight_grads=blocks,dense --kernels --json=$R/st.json --markdown=$R/st.md
 step ds2step 110 python3 experiments/bench/masked_step.py --model ds2 --repeats 3 --json=$R/ds2step.json
 step bd 150 python3 experiments/bench/block_diagonal.py --cells=gru,lstm --modules=1,8,16 --unroll=8 \
   --repeats=10 --timed=layer,products --json=$R/bd.json --markdown=$R/bd.md

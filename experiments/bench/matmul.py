@@ -33,6 +33,7 @@ checked against an fp32 (HIGHEST precision) dense product on a fresh input.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import glob
 import itertools
@@ -44,6 +45,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +153,26 @@ def gpu_kernel_events(run, dump=False):
         events += [(e.name, str(_stat(e, "hlo_module") or "").rstrip("_"), e.duration_ns)
                    for e in line.events if not e.name.startswith(("Memcpy", "Memset"))]
     return events
+
+
+def print_kernels(label: str, thunk: Callable[[], Any], steps: int, calls: int = 3,
+                  top: int = 6) -> None:
+    """Prints the GPU kernels of ``calls`` runs of ``thunk`` (a jitted call of ``steps``
+    recurrent steps), per step: launches and µs by kernel name, the largest ``top``."""
+    events = gpu_kernel_events(lambda: [jax.block_until_ready(thunk()) for _ in range(calls)])
+    if not events:
+        print(f"  kernels {label}: no GPU kernels in the trace", flush=True)
+        return
+    count, total = collections.Counter(), collections.Counter()
+    for name, _, ns in events:
+        count[name] += 1
+        total[name] += ns
+    per = calls * steps
+    print(f"  kernels {label}: {len(events) / per:.2f} launches, "
+          f"{sum(total.values()) / per / 1e3:.2f} us per step", flush=True)
+    for name, ns in total.most_common(top):
+        print(f"    {count[name] / per:6.2f} x {ns / count[name] / 1e3:8.2f} us  {name[:90]}",
+              flush=True)
 
 
 def profile_jax(jobs, calls, dump=False):

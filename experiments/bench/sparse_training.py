@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--old_sparse", action="store_true",
                         help="also time the frozen layer with the scan autodiff")
     parser.add_argument("--timed", default="layer,step", help="layer, step or both")
+    parser.add_argument("--kernels", action="store_true",
+                        help="print each variant's GPU kernels per step (profiler trace)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
@@ -149,6 +151,13 @@ def main() -> None:
         if "step" in kinds:
             thunks[f"{name} step"] = train_step(layer, variables, x, target)
     times = median_times(thunks, args.repeats)
+    if args.kernels:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from matmul import print_kernels  # noqa: PLC0415  (the benches' one trace parser)
+
+        for key, thunk in thunks.items():
+            if key.endswith("layer"):
+                print_kernels(key, thunk, args.steps)
 
     device = jax.devices()[0]
     base = list(layers)[:2]
