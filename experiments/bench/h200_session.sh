@@ -4,7 +4,7 @@
 # in $OUT/log. Run from the repository root on the device machine, with .whl carried
 # (ml_collections, tensorboardX, tqdm):  STEPS="seq others e2e" bash experiments/bench/h200_session.sh
 # STEPS picks the benchmarks (default: all, in this order): tests seq others e2e ds2step bd matmul
-# (and e2e_ds2, e2e_bi, st, bdk, e2e_trained (needs DS2_MODEL), only when named);
+# (and e2e_ds2, e2e_bi, st, bdk, e2e_trained (needs DS2_MODEL), be, only when named);
 # OTHER_CASES, OTHER_BLOCKS, OTHER_METHODS, OTHER_BUDGET narrow "others". COMMIT names the commit
 # (the device's copy of .git is the session's first checkout, so rev-parse there is stale).
 set -u
@@ -54,6 +54,8 @@ step bdk 90 python3 experiments/bench/block_diagonal.py --cells=gru --modules=1,
 [ -n "${DS2_MODEL:-}" ] && step e2e_trained 120 python3 experiments/bench/end_to_end.py --skip=lm \
   --ds2_model="$DS2_MODEL" --ds2_batches=1,32 --repeats 5 --json=$R/e2e_trained.json \
   --markdown=$R/e2e_trained.md
+# The break-even chart (issue 12 asks for it redrawn on the H200; the committed one is the H100's).
+step be 120 python3 experiments/bench/break_even.py --budget_s 100 --json=$R/break_even.json
 step matmul 60 python3 experiments/bench/matmul.py --mode=gpu --budget_s 50 --commit "$C" \
   --json=$R/matmul.json --markdown=$R/matmul.md
 } 2>&1 | tee "$OUT/log"
