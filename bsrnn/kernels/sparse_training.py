@@ -86,14 +86,9 @@ class FrozenBlocks:
         :data:`CPU_BLOCKS_MAX_KEPT` kept weights (nnzb·bh·bw), where "blocks". Why: the
         dense product's cost does not depend on the masks, the batched one's grows with
         nnzb at a few times lower throughput per multiply-add; on GPUs the GEMM runs on
-        tensor cores where the gathers are memory traffic. On a 2-core CPU (dW alone, N =
-        256, 16x16 blocks; ``experiments/bench/sparse_training.py --weight_grads=blocks,
-        dense`` for the whole layer) "blocks" was faster only for few kept weights: GRU H =
-        256 with 10% kept (19.7K weights) 0.60 against 1.47 ms (layer fwd+bwd 5.43 against
-        6.18 ms), as fast at H = 384 / 512 with 10% kept (44K / 79K weights; the whole
-        layer at H = 512 4-12% faster with "blocks", left to "dense" since a higher
-        threshold would take "blocks" at 20% kept, H = 384: 2x slower), and 1.2-5x slower
-        at H = 768 / 1024 with 10% kept or with 20-50% kept at any H. Both run at
+        tensor cores where the gathers are memory traffic. On a 2-core CPU "blocks" was
+        faster only for few kept weights (GRU H = 256, 10% kept: dW 0.60 against 1.47 ms)
+        and 1.2-5x slower from H = 768 or 20% kept (WORKSPACE.md, issue 14). Both run at
         the default matmul precision (``jax_default_matmul_precision``), as the masked dense
         layer's weight gradient does (TF32 on recent GPUs unless set to "highest").
     """
