@@ -382,11 +382,7 @@ class RecurrentLayer(nn.Module):
             self.recurrent_modules,
             self._frozen_recurrent_kernel(recurrent_layers),
         )
-        norm = None
-        if self.input_norm:
-            norm = nn.LayerNorm(
-                reduction_axes=-1, feature_axes=(-2, -1), dtype=self.dtype, name="projection_norm"
-            )
+        norm = projection_norm(self.dtype) if self.input_norm else None
         return run_layer(self, x, lengths, initial_carry, weights, norm)
 
     def _frozen_recurrent_kernel(self, layers: list[MaskedDense]) -> Any:
@@ -495,6 +491,14 @@ class LayerConfig(Protocol):
     recurrent_modules: int
     unroll: int
     weight_grad: str
+
+
+def projection_norm(dtype: Any = None, name: str = "projection_norm") -> nn.LayerNorm:
+    """The layer norm of :class:`RecurrentLayer`'s ``input_norm``: applied to the input
+    projections by gate, (..., gates, H) -> same, normalised over H, with a learned
+    (gates, H) scale and shift (its params ``{"scale", "bias"}``). The one definition
+    that :mod:`bsrnn.inference` applies to an exported layer's projections too."""
+    return nn.LayerNorm(reduction_axes=-1, feature_axes=(-2, -1), dtype=dtype, name=name)
 
 
 def run_layer(

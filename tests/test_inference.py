@@ -380,14 +380,17 @@ def test_a_run_exports_its_model_and_the_command_line_uses_it(tiny_text, tmp_pat
         cli.main(["transcribe", f"--model={path}", "x.mfc"])
 
 
-def test_input_norm_layers_run_their_layer_norm_on_the_dense_path(tmp_path):
+@pytest.mark.parametrize("cell, bidirectional", [("rnn_clipped_relu", True), ("gru", False)])
+def test_input_norm_layers_run_their_layer_norm_on_the_kernels(tmp_path, cell, bidirectional):
     # input_norm=True (the clipped-ReLU RNN recipe) adds a projection_norm to each recurrent
-    # layer; the kernels take x, not a normalised projection, so such a layer runs the masked
-    # dense path, with its layer norm, and the logits equal the masked dense model's.
+    # layer. On the kernels the layer normalises its projections before the recurrence
+    # (`inference.projections`): the logits equal the masked dense model's, on the kernels
+    # and on the dense path, and such layers are neither fused nor run as a wavefront.
     rng = np.random.default_rng(5)
     kwargs = dict(num_classes=5, conv_features=(2,), conv_kernels=((3, 3),),
-                  conv_strides=((2, 2),), cell="rnn_clipped_relu", features=8, num_layers=2,
-                  bidirectional=True, row_conv_context=0, fc_features=8, input_norm=True)
+                  conv_strides=((2, 2),), cell=cell, features=8, num_layers=2,
+                  bidirectional=bidirectional, row_conv_context=0, fc_features=8,
+                  input_norm=True)
     model = ds2.Model(**kwargs)
     lengths = jnp.asarray([9, 4], jnp.int32)
     features = rng.normal(0, 1, (2, 9, 5)).astype(np.float32)
@@ -399,17 +402,20 @@ def test_input_norm_layers_run_their_layer_norm_on_the_dense_path(tmp_path):
                 features={"kind": "mfc", "num_mels": 5, "mean": [0.0] * 5, "std": [1.0] * 5})
     path = _export(tmp_path, params, masks, info)
     want, _ = model.apply({"params": params, "masks": masks}, features, lengths)
-    loaded = inference.load(path)
-    got, _ = loaded(features, lengths)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    loaded = inference.load(path, impl="xla")  # forced: no measuring
+    np.testing.assert_allclose(loaded(features, lengths)[0], want, rtol=1e-4, atol=1e-4)
+    dense = inference.load(path, impl="dense")
+    np.testing.assert_allclose(dense(features, lengths)[0], want, rtol=1e-4, atol=1e-4)
+    assert all(isinstance(depth, tuple) for depth in loaded.weights.layers)
     layers = [layer for depth in loaded.weights.layers for layer in depth]
-    assert all(layer.input_norm and layer.sparse is None for layer in layers)
+    assert len(layers) == 2 * (1 + bidirectional)
+    assert all(layer.sparse is not None and layer.norm is not None for layer in layers)
+    assert all(layer.sparse is None and layer.input_norm
+               for depth in dense.weights.layers for layer in depth)
     # Without its layer norm the same layers give other logits: the test can fail.
-    plain = jax.tree_util.tree_map(lambda x: x, loaded.weights)
-    plain = dataclasses.replace(plain, layers=tuple(
-        tuple(dataclasses.replace(layer, input_norm=False, params={
-            k: v for k, v in layer.params.items() if k != "projection_norm"}) for layer in depth)
-        for depth in plain.layers))
+    plain = dataclasses.replace(loaded.weights, layers=tuple(
+        tuple(dataclasses.replace(layer, norm=None) for layer in depth)
+        for depth in loaded.weights.layers))
     assert np.abs(np.asarray(inference.ds2_forward(plain, jnp.asarray(features), lengths)[0])
                   - np.asarray(want)).max() > 1e-2
 

@@ -97,7 +97,12 @@ class Recurrent:
       cell, features, reverse: as in `RecurrentLayer` (static).
       impl: the kernels' `impl` (static).
       input_norm: the layer normalises its input projection (``RecurrentLayer``'s
-        ``input_norm``; the kernels do not compute it, so such a layer runs the dense path).
+        ``input_norm``, :func:`bsrnn.cells.projection_norm`), static.
+      norm: on the kernels, that layer norm's params and the bias the kernels fold into
+        the projection on top of the input bias: {"scale": (gates, H), "bias": (gates, H),
+        "shift": (gates·H,)}, so the projection is ``norm(xp - shift) + shift`` with xp the
+        kernels' `input_projection` (see `projections`); None without ``input_norm`` (or on
+        the dense path, whose params hold the norm).
     """
 
     sparse: Any
@@ -108,6 +113,7 @@ class Recurrent:
     reverse: bool = _static(default=False)
     impl: str = _static(default="auto")
     input_norm: bool = _static(default=False)
+    norm: Any = None
 
 
 @jax.tree_util.register_dataclass
@@ -168,7 +174,7 @@ def _wavefronts(depths: tuple, fuse: bool) -> tuple:
     out, run = [], []
     for depth in depths + (None,):
         if (isinstance(depth, tuple) and len(depth) == 1 and depth[0].sparse is not None
-                and not depth[0].reverse):
+                and depth[0].norm is None and not depth[0].reverse):
             run.append(depth[0])
             continue
         out.extend([Wavefront(tuple(run), run[0].impl)] if len(run) > 1 else
@@ -213,10 +219,29 @@ def recurrent(
                                       input_norm=layer.input_norm)
         return module.apply({"params": layer.params, "masks": layer.masks}, x, lengths,
                             initial_carry=carry)
+    if layer.norm is not None:  # the normalised projections, then the kernels' recurrence
+        return kernels.projected_sequence(projections(layer, x), layer.sparse, carry,
+                                          lengths=lengths, reverse=layer.reverse,
+                                          impl=layer.impl)
     run = _KERNEL_CELLS[layer.cell][1]
     outputs, last = run(x, layer.sparse, carry, lengths=lengths, reverse=layer.reverse,
                         impl=layer.impl)
     return outputs, last
+
+
+def projections(layer: Recurrent, x: jax.Array) -> jax.Array:
+    """x (B, T, D) -> the input projections (B, T, gates·H) that a layer on the kernels feeds
+    `kernels.projected_sequence`: x @ W_i + b as the kernels fold the biases, with the
+    layer's ``input_norm`` applied (to x @ W_i + b_i, by gate, as `RecurrentLayer` does)."""
+    xp = jnp.swapaxes(kernels.input_projection(x, layer.sparse), 0, 1)
+    if layer.norm is None:
+        return xp
+    gates = len(cells.GATES[layer.cell])
+    shift = layer.norm["shift"]
+    by_gate = (xp - shift).reshape(*xp.shape[:-1], gates, -1)
+    normed = cells.projection_norm(xp.dtype).apply(
+        {"params": {"scale": layer.norm["scale"], "bias": layer.norm["bias"]}}, by_gate)
+    return normed.reshape(xp.shape) + shift
 
 
 def bidirectional(
@@ -242,7 +267,8 @@ def bidirectional(
 def _paired(depth: tuple[Recurrent, ...], fuse: bool) -> tuple[Recurrent, ...] | Bidirectional:
     """A DS2 depth as `load` runs it: a `Bidirectional` when ``fuse`` and both directions
     are on the kernels, else the layers as they are (run one after the other)."""
-    if not (fuse and len(depth) == 2 and all(layer.sparse is not None for layer in depth)):
+    if not (fuse and len(depth) == 2
+            and all(layer.sparse is not None and layer.norm is None for layer in depth)):
         return depth
     forward, backward = depth
     pair = kernels.bidirectional_weights(forward.sparse, backward.sparse).pair
@@ -367,18 +393,25 @@ def _recurrent(params: dict, cell: str, impl: str, dtype: Any, reverse: bool = F
                     if isinstance(k, BlockSparseMatrix)}
     sparse_ok = (impl != "dense" and cell in _KERNEL_CELLS and len(block_shapes) == 1
                  and all(isinstance(k, BlockSparseMatrix) for k in recurrent_kernels))
-    if input_norm:  # the kernels take x, not a normalised projection: the dense path
-        layer_params["projection_norm"] = {k: np.asarray(v)
-                                           for k, v in params["projection_norm"].items()}
-    if not sparse_ok or input_norm:
+    norm_params = ({k: np.asarray(v) for k, v in params["projection_norm"].items()}
+                   if input_norm else None)
+    if not sparse_ok:
+        if input_norm:
+            layer_params["projection_norm"] = norm_params
         return Recurrent(None, _cast(layer_params, dtype), jax.tree_util.tree_map(
             jnp.asarray, layer_masks), cell, features, reverse, input_norm=input_norm)
     build = _KERNEL_CELLS[cell][0]
     weights = build(layer_params, layer_masks, block_shapes.pop(), dtype=dtype)
     if cell == "gru":
         weights = dataclasses.replace(weights, ell_feat=None, ell_values=None)
+    norm = None
+    if input_norm:  # what the kernels add to x @ W_i on top of the input biases
+        folded = np.asarray(weights.b_i if cell == "gru" else weights.b, np.float64)
+        input_bias = np.concatenate([np.asarray(params[f"input_{g}"]["bias"], np.float64)
+                                     for g in gates])
+        norm = _cast({**norm_params, "shift": (folded - input_bias).astype(np.float32)}, dtype)
     return Recurrent(jax.tree_util.tree_map(jnp.asarray, weights), None, None, cell, features,
-                     reverse, _kernel_impl(impl))
+                     reverse, _kernel_impl(impl), input_norm=input_norm, norm=norm)
 
 
 def _compute_dtype(dtype: Any, stored: np.dtype) -> np.dtype:
@@ -441,7 +474,7 @@ def fold_input_projection(weights: LMWeights, max_ratio: float = FOLD_MAX_RATIO)
     width = int(np.shape(first.sparse.w_i)[1])
     if vocab * width > max_ratio * (vocab * embed + embed * width):
         return weights
-    table = kernels.input_projection(weights.embedding[None], first.sparse)[:, 0]  # (V, G·H)
+    table = projections(first, weights.embedding[None])[0]  # (V, G·H)
     return dataclasses.replace(weights, input_table=table)
 
 

@@ -113,14 +113,14 @@ def random_lm(folder: Path, seed: int = 0) -> Path:
 
 
 def random_ds2(folder: Path, features: int, seed: int = 0, *, cell: str = "gru",
-               bidirectional: bool = False) -> Path:
-    """An AN4 DS2 GRU (configs/an4_ds2.py:gru shapes; `cell`, `bidirectional` change
-    those), random weights, 90% of 16x16 blocks."""
+               bidirectional: bool = False, input_norm: bool = False) -> Path:
+    """An AN4 DS2 GRU (configs/an4_ds2.py:gru shapes; `cell`, `bidirectional`, `input_norm`
+    change those), random weights, 90% of 16x16 blocks."""
     kwargs = dict(num_classes=len(AN4_ALPHABET), conv_features=(32, 32),
                   conv_kernels=((11, 5), (11, 5)), conv_strides=((2, 2), (1, 2)), cell=cell,
                   features=features, num_layers=3, bidirectional=bidirectional,
                   row_conv_context=10, fc_features=features, mask_fc=True, mask_output=True,
-                  unroll=4)
+                  unroll=4, input_norm=input_norm)
     info = dict(name="ds2", kwargs=kwargs, data="random", step=0, metrics={},
                 vocab={"tokens": AN4_ALPHABET, "unk": None},
                 features={"kind": "mfc", "num_mels": 13, "mean": [0.0] * 13,
@@ -238,6 +238,9 @@ def main() -> None:
     parser.add_argument("--ds2_features", type=int, default=512,
                         help="units of the random DS2 GRU")
     parser.add_argument("--ds2_cell", default="gru", help="cell of the random DS2 model")
+    parser.add_argument("--ds2_input_norm", action="store_true",
+                        help="layer norm on the recurrent input projections (the AN4 RNN "
+                        "config's default)")
     parser.add_argument("--ds2_bidirectional", action="store_true",
                         help="random DS2 model with bidirectional layers")
     parser.add_argument("--ds2_batches", default="1,32", help="DS2 batch sizes timed")
@@ -303,7 +306,7 @@ def main() -> None:
     if "ds2" not in skip:
         path = Path(args.ds2_model) if args.ds2_model else random_ds2(
             folder, args.ds2_features, cell=args.ds2_cell,
-            bidirectional=args.ds2_bidirectional)
+            bidirectional=args.ds2_bidirectional, input_norm=args.ds2_input_norm)
         exported = inference.load(path, dtype=args.ds2_dtype)
         others = {}
         if "unpruned" not in skip:
@@ -321,7 +324,8 @@ def main() -> None:
         kwargs = exported.info["kwargs"]
         results["ds2"]["model"] = str(path) if args.ds2_model else (
             f"RANDOM DS2 {args.ds2_cell} {args.ds2_features}x3"
-            f"{' bidirectional' if args.ds2_bidirectional else ''}, 90% of 16x16 blocks")
+            f"{' bidirectional' if args.ds2_bidirectional else ''}"
+            f"{' input_norm' if args.ds2_input_norm else ''}, 90% of 16x16 blocks")
         results["ds2"]["dtype"] = str(exported.weights.fc.kernel.dtype)
         results["ds2"]["bidirectional"] = bool(kwargs.get("bidirectional", True))
         results["ds2"]["utterances"] = source
