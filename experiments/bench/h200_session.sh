@@ -4,7 +4,7 @@
 # in $OUT/log. Run from the repository root on the device machine, with .whl carried
 # (ml_collections, tensorboardX, tqdm):  STEPS="seq others e2e" bash experiments/bench/h200_session.sh
 # STEPS picks the benchmarks (default: all, in this order): tests seq others e2e ds2step bd matmul
-# (and e2e_ds2, e2e_bi, st, bdk, e2e_trained (needs DS2_MODEL), be, only when named);
+# (and e2e_ds2, e2e_bi, st, bdk, e2e_trained (needs DS2_MODEL), be, e2e_rnn, only when named);
 # OTHER_CASES, OTHER_BLOCKS, OTHER_METHODS, OTHER_BUDGET narrow "others". COMMIT names the commit
 # (the device's copy of .git is the session's first checkout, so rev-parse there is stale).
 set -u
@@ -37,6 +37,11 @@ step e2e_ds2 100 python3 experiments/bench/end_to_end.py --skip=lm --ds2_batches
   --json=$R/e2e_ds2.json --markdown=$R/e2e_ds2.md
 step e2e_ds2 90 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2_dtype=float16 \
   --ds2_batches=1 --repeats 5 --json=$R/e2e_ds2_fp16.json --markdown=$R/e2e_ds2_fp16.md
+# The AN4 RNN config's default model (bidirectional clipped ReLU, layer norm on the input
+# projections): its layers on the kernels since this evening (issue 13).
+step e2e_rnn 90 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2_cell=rnn_clipped_relu \
+  --ds2_bidirectional --ds2_input_norm --ds2_batches=1 --repeats 5 --json=$R/e2e_rnn.json \
+  --markdown=$R/e2e_rnn.md
 step e2e_bi 60 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2_bidirectional \
   --ds2_batches=1 --repeats 5 --json=$R/e2e_ds2_bi.json --markdown=$R/e2e_ds2_bi.md
 # Sparse training after the freeze (issue 14): masked dense against the frozen kept blocks.
