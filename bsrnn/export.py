@@ -316,6 +316,16 @@ _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
            "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
+def dtype_named(dtype: Any) -> Any:
+    """A dtype given by name ("float32", "float16", "bfloat16") or as a dtype; ``None``
+    stays ``None``. An unknown name raises ``ValueError`` listing the names."""
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
 def export_block_shapes(config: Any, masks: Mapping) -> dict[str, tuple[int, int]]:
     """The block shape of each kernel `export_run` stores block-sparse, by '/'-joined path.
 
@@ -399,7 +409,7 @@ def export_run(
     """
     from bsrnn import report
 
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = dtype_named(dtype)
     params, masks = (jax_to_numpy(t) for t in (params, masks))
     shapes = export_block_shapes(config, masks)
     flat_masks = _flatten(masks)

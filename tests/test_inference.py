@@ -337,6 +337,8 @@ def test_bad_files_get_a_clear_error_naming_the_file(tmp_path):
     assert isinstance(export.load_npz(weights_only), dict)  # weights still readable
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         inference.load(tmp_path / "nope.npz")
+    with pytest.raises(ValueError, match=r"dtype='float8'.*bfloat16.*float16.*float32"):
+        inference.load(good, dtype="float8")
 
 
 def test_a_run_exports_its_model_and_the_command_line_uses_it(tiny_text, tmp_path, capsys):

@@ -416,7 +416,7 @@ def _recurrent(params: dict, cell: str, impl: str, dtype: Any, reverse: bool = F
 
 def _compute_dtype(dtype: Any, stored: np.dtype) -> np.dtype:
     if dtype is not None:
-        return export._DTYPES[dtype] if isinstance(dtype, str) else np.dtype(dtype)
+        return np.dtype(export.dtype_named(dtype))
     return np.dtype(np.float32) if jax.default_backend() == "cpu" else stored
 
 
