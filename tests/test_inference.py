@@ -387,7 +387,8 @@ def test_input_norm_layers_run_their_layer_norm_on_the_kernels(tmp_path, cell, b
     # input_norm=True (the clipped-ReLU RNN recipe) adds a projection_norm to each recurrent
     # layer. On the kernels the layer normalises its projections before the recurrence
     # (`inference.projections`): the logits equal the masked dense model's, on the kernels
-    # and on the dense path, and such layers are neither fused nor run as a wavefront.
+    # (bidirectional: both directions fused, from their projections) and on the dense path;
+    # such layers are not run as a wavefront (it projects inside its steps).
     rng = np.random.default_rng(5)
     kwargs = dict(num_classes=5, conv_features=(2,), conv_kernels=((3, 3),),
                   conv_strides=((2, 2),), cell=cell, features=8, num_layers=2,
@@ -408,16 +409,23 @@ def test_input_norm_layers_run_their_layer_norm_on_the_kernels(tmp_path, cell, b
     np.testing.assert_allclose(loaded(features, lengths)[0], want, rtol=1e-4, atol=1e-4)
     dense = inference.load(path, impl="dense")
     np.testing.assert_allclose(dense(features, lengths)[0], want, rtol=1e-4, atol=1e-4)
-    assert all(isinstance(depth, tuple) for depth in loaded.weights.layers)
-    layers = [layer for depth in loaded.weights.layers for layer in depth]
+    depths = loaded.weights.layers
+    assert all(isinstance(d, inference.Bidirectional if bidirectional else tuple)
+               for d in depths)
+    layers = [layer for d in depths
+              for layer in ((d.forward, d.backward) if bidirectional else d)]
     assert len(layers) == 2 * (1 + bidirectional)
     assert all(layer.sparse is not None and layer.norm is not None for layer in layers)
     assert all(layer.sparse is None and layer.input_norm
                for depth in dense.weights.layers for layer in depth)
     # Without its layer norm the same layers give other logits: the test can fail.
-    plain = dataclasses.replace(loaded.weights, layers=tuple(
-        tuple(dataclasses.replace(layer, norm=None) for layer in depth)
-        for depth in loaded.weights.layers))
+    def without_norm(depth):
+        if bidirectional:
+            return dataclasses.replace(depth, forward=dataclasses.replace(depth.forward, norm=None),
+                                       backward=dataclasses.replace(depth.backward, norm=None))
+        return tuple(dataclasses.replace(layer, norm=None) for layer in depth)
+
+    plain = dataclasses.replace(loaded.weights, layers=tuple(map(without_norm, depths)))
     assert np.abs(np.asarray(inference.ds2_forward(plain, jnp.asarray(features), lengths)[0])
                   - np.asarray(want)).max() > 1e-2
 

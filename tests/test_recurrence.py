@@ -668,6 +668,42 @@ def test_bidirectional_equals_the_two_directions_run_separately(cell, hidden, bl
         np.testing.assert_array_equal(np.asarray(outputs[d])[2, 3:], 0.0)
 
 
+@pytest.mark.parametrize("cell, hidden, block_shape, impl", [
+    ("gru", 8, (4, 4), "xla"), ("rnn_clipped_relu", 8, (4, 8), "dense"),
+    ("lstm", 8, (4, 4), "separate"),
+])
+def test_projected_bidirectional_equals_each_direction_from_its_projections(
+        cell, hidden, block_shape, impl):
+    # Each direction reads its own projections (random here, as a layer norm would have
+    # changed them): the fused recurrence equals `projected_sequence` per direction.
+    build, _ = SEQUENCE[cell]
+    params_f, masks_f, _, h_f = _layer_case(41, hidden, block_shape, batch=3, steps=4,
+                                            cell=cell)
+    params_b, masks_b, _, h_b = _layer_case(42, hidden, block_shape, batch=3, steps=4,
+                                            cell=cell)
+    forward, backward = build(params_f, masks_f, block_shape), build(params_b, masks_b,
+                                                                     block_shape)
+    weights = kernels.bidirectional_weights(forward, backward)
+    width = len(GATES[cell]) * hidden
+    rng = np.random.default_rng(43)
+    xps = tuple(jnp.asarray(rng.normal(0, 1, (3, 4, width)), jnp.float32) for _ in range(2))
+    carry0 = (_carry0(cell, h_f, 41), _carry0(cell, h_b, 42))
+    lengths = jnp.asarray([4, 0, 2], jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        want = [kernels.projected_sequence(xp, w, c, lengths=lengths, reverse=r, impl="xla")
+                for xp, w, c, r in zip(xps, (forward, backward), carry0, (False, True),
+                                       strict=True)]
+        outputs, finals = kernels.projected_bidirectional(xps, weights, carry0,
+                                                          lengths=lengths, impl=impl)
+    for d in (0, 1):
+        np.testing.assert_allclose(outputs[d], want[d][0], rtol=1e-5, atol=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                                       atol=1e-6),
+                               finals[d], want[d][1])
+    with pytest.raises(ValueError, match="pair"):
+        kernels.projected_bidirectional(xps[:1], weights, impl="dense")
+
+
 def test_bidirectional_pair_kernel_is_block_diagonal():
     # The pair's recurrent kernel, densified, is [[W_f, 0], [0, W_b]] gate by gate.
     build, _ = SEQUENCE["lstm"]

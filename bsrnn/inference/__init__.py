@@ -259,16 +259,20 @@ def bidirectional(
       (forward outputs, backward outputs), each (B, T, H), and the two final carries: what
       `recurrent` gives for each direction.
     """
+    separate = (layer.forward.impl, layer.backward.impl)
+    if layer.forward.norm is not None:  # normalised projections (both or neither: `_paired`)
+        xps = (projections(layer.forward, x), projections(layer.backward, x))
+        return kernels.projected_bidirectional(xps, layer.kernel_weights, carry,
+                                               lengths=lengths, impl=layer.impl,
+                                               separate=separate)
     return kernels.sparse_bidirectional(x, layer.kernel_weights, carry, lengths=lengths,
-                                        impl=layer.impl,
-                                        separate=(layer.forward.impl, layer.backward.impl))
+                                        impl=layer.impl, separate=separate)
 
 
 def _paired(depth: tuple[Recurrent, ...], fuse: bool) -> tuple[Recurrent, ...] | Bidirectional:
     """A DS2 depth as `load` runs it: a `Bidirectional` when ``fuse`` and both directions
     are on the kernels, else the layers as they are (run one after the other)."""
-    if not (fuse and len(depth) == 2
-            and all(layer.sparse is not None and layer.norm is None for layer in depth)):
+    if not (fuse and len(depth) == 2 and all(layer.sparse is not None for layer in depth)):
         return depth
     forward, backward = depth
     pair = kernels.bidirectional_weights(forward.sparse, backward.sparse).pair

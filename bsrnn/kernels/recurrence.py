@@ -998,11 +998,13 @@ def _paired_kernel(xps: tuple[jax.Array, jax.Array], weights: BidirectionalWeigh
     return tuple(tuple(s[..., d * hidden:(d + 1) * hidden] for s in states) for d in (0, 1))
 
 
-def _bidirectional(x: jax.Array, weights: BidirectionalWeights, carry0: Any,
+def _bidirectional(x: Any, weights: BidirectionalWeights, carry0: Any,
                    lengths: jax.Array | None, impl: str, unroll: int,
-                   separate: tuple[str, str], options: dict[str, Any]) -> tuple[tuple, tuple]:
+                   separate: tuple[str, str], options: dict[str, Any],
+                   projected: bool = False) -> tuple[tuple, tuple]:
     """`sparse_bidirectional`: lengths and directions as in `_sequence`, both directions
-    advanced in the same step."""
+    advanced in the same step. With ``projected``, x is the pair (forward's, backward's) of
+    input projections, each (B, T, gates·H) in input order."""
     if not isinstance(weights, BidirectionalWeights):
         raise ValueError("weights must be BidirectionalWeights (kernels.bidirectional_weights)"
                          f", got {type(weights).__name__}")
@@ -1016,20 +1018,29 @@ def _bidirectional(x: jax.Array, weights: BidirectionalWeights, carry0: Any,
         raise ValueError(f"kernel options {sorted(options)} need a forced kernel impl=")
     if impl not in ("auto", "separate", "dense") and weights.pair is None:
         impl, separate = "separate", (impl, impl)  # no pair to run a kernel on
+    inputs = tuple(x) if projected else (x, x)  # what each direction reads
+    if projected and len(inputs) != 2:
+        raise ValueError("projected inputs of a bidirectional layer are a pair (forward's, "
+                         "backward's)")
     if impl == "separate":
-        runs = [_sequence(x, w, c, lengths, reverse, i, unroll, options) for w, c, reverse, i in
-                zip(directions, carry0, (False, True), separate, strict=True)]
+        runs = [_sequence(xi, w, c, lengths, reverse, i, unroll, options, projected)
+                for xi, w, c, reverse, i in zip(inputs, directions, carry0, (False, True),
+                                                separate, strict=True)]
         return tuple(r[0] for r in runs), tuple(r[1] for r in runs)
-    batch, steps, dtype, first, lengths = _checked_inputs(x, weights.forward, carry0[0],
-                                                          lengths)
+    batch, steps, dtype, first, lengths = _checked_inputs(inputs[0], weights.forward,
+                                                          carry0[0], lengths, projected)
+    if projected:
+        _checked_inputs(inputs[1], weights.backward, None, lengths, projected)
     carries = (first, _initial_carry(carry0[1], weights.backward, batch, dtype))
     impl = resolve_bidirectional_impl(weights, batch, steps, dtype, impl, separate)
     if impl == "separate":
-        return _bidirectional(x, weights, carries, lengths, impl, unroll, separate, options)
+        return _bidirectional(x, weights, carries, lengths, impl, unroll, separate, options,
+                              projected)
     lstm = weights.cell == "lstm"
     parts = tuple(c if lstm else (c,) for c in carries)
-    xps = tuple(input_projection(_in_direction(x, lengths, reverse), w).astype(dtype)
-                for w, reverse in zip(directions, (False, True), strict=True))
+    xps = tuple((jnp.swapaxes(_in_direction(xi, lengths, reverse), 0, 1) if projected else
+                 input_projection(_in_direction(xi, lengths, reverse), w)).astype(dtype)
+                for xi, w, reverse in zip(inputs, directions, (False, True), strict=True))
     if steps == 0:
         seqs = tuple(tuple(jnp.zeros((0, batch, w.hidden), dtype) for _ in p)
                      for w, p in zip(directions, parts, strict=True))
@@ -1114,6 +1125,35 @@ def sparse_bidirectional(
     """
     return _bidirectional(x, weights, carry0, lengths, impl, unroll, separate,
                           kernel_options)
+
+
+def projected_bidirectional(
+    xps: tuple[jax.Array, jax.Array],
+    weights: BidirectionalWeights,
+    carry0: tuple[Any, Any] | None = None,
+    *,
+    lengths: jax.Array | None = None,
+    impl: str = "auto",
+    separate: tuple[str, str] = ("auto", "auto"),
+    unroll: int = 16,
+    **kernel_options: Any,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[Any, Any]]:
+    """`sparse_bidirectional` from each direction's input projections instead of the
+    inputs (as `projected_sequence` is to `sparse_gru`): the same result when ``xps[d][:, t]
+    = x[:, t] @ W_i + b`` of direction d (`input_projection`, batch-major), e.g. projections
+    that a layer norm has changed.
+
+    Args:
+      xps: (forward's, backward's) input projections, each (B, T, gates·H) in input order,
+        biases included as the weights fold them.
+      weights, carry0, lengths, impl, separate, unroll, kernel_options: as in
+        `sparse_bidirectional`.
+
+    Returns:
+      As `sparse_bidirectional`.
+    """
+    return _bidirectional(xps, weights, carry0, lengths, impl, unroll, separate,
+                          kernel_options, projected=True)
 
 
 # ----------------------------------------------------------------------------------------
