@@ -631,22 +631,30 @@ BIDIRECTIONAL_CASES = [  # cell, hidden, block shape (None: no pair), impl
 ]
 
 
+def _bidirectional_case(seed, cell, hidden, block_shape, batch, steps):
+    """Two independent random layers (seeds ``seed``, ``seed + 1``): (x, forward weights,
+    backward weights, their `BidirectionalWeights`, random initial carries of both)."""
+    build = SEQUENCE[cell][0]
+    params_f, masks_f, x, h_f = _layer_case(seed, hidden, block_shape, batch=batch,
+                                            steps=steps, cell=cell)
+    params_b, masks_b, _, h_b = _layer_case(seed + 1, hidden, block_shape, batch=batch,
+                                            steps=steps, cell=cell)
+    forward, backward = build(params_f, masks_f, block_shape), build(params_b, masks_b,
+                                                                     block_shape)
+    carry0 = (_carry0(cell, h_f, seed), _carry0(cell, h_b, seed + 1))
+    return x, forward, backward, kernels.bidirectional_weights(forward, backward), carry0
+
+
 @pytest.mark.parametrize("cell, hidden, block_shape, impl", BIDIRECTIONAL_CASES)
 def test_bidirectional_equals_the_two_directions_run_separately(cell, hidden, block_shape,
                                                                 impl):
     # Two independent random layers, lengths with padding (T, 0, partial), random initial
     # carries of both directions; the reference is each direction's own sequence (xla),
     # itself tested against RecurrentLayer above.
-    build, run = SEQUENCE[cell]
-    params_f, masks_f, x, h_f = _layer_case(31, hidden, block_shape, batch=4, steps=5,
-                                            cell=cell)
-    params_b, masks_b, _, h_b = _layer_case(32, hidden, block_shape, batch=4, steps=5,
-                                            cell=cell)
-    forward, backward = build(params_f, masks_f, block_shape), build(params_b, masks_b,
-                                                                     block_shape)
-    weights = kernels.bidirectional_weights(forward, backward)
+    run = SEQUENCE[cell][1]
+    x, forward, backward, weights, carry0 = _bidirectional_case(31, cell, hidden, block_shape,
+                                                                batch=4, steps=5)
     assert (weights.pair is None) == bool(hidden % block_shape[0] or hidden % block_shape[1])
-    carry0 = (_carry0(cell, h_f, 31), _carry0(cell, h_b, 32))
     lengths = jnp.asarray([5, 0, 3, 1], jnp.int32)
 
     @jax.jit  # one program: fewer compiles
@@ -676,18 +684,11 @@ def test_projected_bidirectional_equals_each_direction_from_its_projections(
         cell, hidden, block_shape, impl):
     # Each direction reads its own projections (random here, as a layer norm would have
     # changed them): the fused recurrence equals `projected_sequence` per direction.
-    build, _ = SEQUENCE[cell]
-    params_f, masks_f, _, h_f = _layer_case(41, hidden, block_shape, batch=3, steps=4,
-                                            cell=cell)
-    params_b, masks_b, _, h_b = _layer_case(42, hidden, block_shape, batch=3, steps=4,
-                                            cell=cell)
-    forward, backward = build(params_f, masks_f, block_shape), build(params_b, masks_b,
-                                                                     block_shape)
-    weights = kernels.bidirectional_weights(forward, backward)
+    _, forward, backward, weights, carry0 = _bidirectional_case(41, cell, hidden, block_shape,
+                                                                batch=3, steps=4)
     width = len(GATES[cell]) * hidden
     rng = np.random.default_rng(43)
     xps = tuple(jnp.asarray(rng.normal(0, 1, (3, 4, width)), jnp.float32) for _ in range(2))
-    carry0 = (_carry0(cell, h_f, 41), _carry0(cell, h_b, 42))
     lengths = jnp.asarray([4, 0, 2], jnp.int32)
     with jax.default_matmul_precision("highest"):
         want = [kernels.projected_sequence(xp, w, c, lengths=lengths, reverse=r, impl="xla")
