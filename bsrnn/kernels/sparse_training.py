@@ -87,8 +87,8 @@ class FrozenBlocks:
         dense product's cost does not depend on the masks, the batched one's grows with
         nnzb at a few times lower throughput per multiply-add; on GPUs the GEMM runs on
         tensor cores where the gathers are memory traffic. On a 2-core CPU "blocks" was
-        faster only for few kept weights (GRU H = 256, 10% kept: dW 0.60 against 1.47 ms)
-        and 1.2-5x slower from H = 768 or 20% kept (WORKSPACE.md, issue 14). Both run at
+        faster only at 10% kept and H <= 512 (by 6-7%) and up to 7x slower elsewhere
+        (``experiments/bench/weight_grad.py``, WORKSPACE.md, issue 14). Both run at
         the default matmul precision (``jax_default_matmul_precision``), as the masked dense
         layer's weight gradient does (TF32 on recent GPUs unless set to "highest").
     """
