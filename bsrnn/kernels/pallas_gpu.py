@@ -184,6 +184,7 @@ def _kernel(
         "max_tm",
         "num_warps",
         "num_stages",
+        "precision",
     ),
 )
 def bsc_matmul_pallas(
@@ -197,6 +198,7 @@ def bsc_matmul_pallas(
     max_tm: int = 64,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST,
 ) -> jax.Array:
     """y = x @ K with K block-sparse, as one Pallas (Triton) kernel launch.
 
@@ -215,10 +217,14 @@ def bsc_matmul_pallas(
       max_tm: largest tile of x rows per program for "dot" (power of two, >= 16).
       num_warps, num_stages: Triton launch parameters; default 4 warps, and 3 stages for
         "dot", 1 for "fma".
+      precision: of the "dot" products of float32 operands: HIGHEST (the default) is exact
+        fp32; None follows JAX's default matmul precision (``jax_default_matmul_precision``:
+        TF32 tensor-core products on recent GPUs unless set to "highest"), as ``jnp.dot``
+        and the masked dense layers do. 16-bit operands always multiply exactly.
 
     Returns:
       (..., out_features) in the promoted dtype of x and the block values, accumulated in
-      float32 (float32 operands use exact fp32 products, not tf32).
+      float32.
     """
     n_in, n_out = w.shape
     if x.shape[-1] != n_in:
@@ -235,7 +241,7 @@ def bsc_matmul_pallas(
     num_stages = num_stages or (3 if compute == "dot" else 1)
     if transpose_x is None:
         transpose_x = compute == "dot" and n > 16 and bw < 32
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    precision = precision if dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel,
         n=n,

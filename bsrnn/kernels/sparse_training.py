@@ -8,7 +8,8 @@ training can run on it. :func:`freeze` reads the structure off the masks on the 
 h @ W_h with W_h block-sparse (BSC, :mod:`bsrnn.kernels.bsc`), gates side by side:
 
 * forward: ``bsc_matmul_xla(h, W_h)``, or on GPUs the Pallas (Triton) kernel of
-  :func:`bsrnn.kernels.bsc_matmul` (:attr:`FrozenBlocks.impl`);
+  :func:`bsrnn.kernels.bsc_matmul` (:attr:`FrozenBlocks.impl`), at JAX's default matmul
+  precision like the masked dense layer's product (TF32 for float32 on recent GPUs);
 * backward (a custom VJP): dh = dy @ W_hᵀ (:func:`transposed_matmul`), again a block-sparse
   product by the same implementation, with W_hᵀ stored as BSC too (the same blocks
   transposed, ordered by W_h's block rows, so its sum over blocks is a sorted segment sum, no
@@ -50,6 +51,7 @@ from flax.core import FrozenDict
 
 from bsrnn import blocks, cells
 from bsrnn.kernels.bsc import BlockSparseMatrix, block_keep
+from bsrnn.kernels.pallas_gpu import bsc_matmul_pallas
 from bsrnn.kernels.xla import bsc_matmul_xla
 
 
@@ -210,12 +212,15 @@ CPU_BLOCKS_MAX_KEPT = 32768
 
 def _bsc_product(blocks_: FrozenBlocks, x: jax.Array, w: BlockSparseMatrix) -> jax.Array:
     """x @ w by ``blocks_.product_impl()``: the Pallas kernel of :func:`bsrnn.kernels.
-    bsc_matmul` or :func:`bsc_matmul_xla`."""
-    if blocks_.product_impl() == "xla":
-        return bsc_matmul_xla(x, w)
-    from bsrnn.kernels import bsc_matmul  # the package imports this module's neighbours
-
-    return bsc_matmul(x, w, impl=blocks_.product_impl())
+    bsc_matmul` or :func:`bsc_matmul_xla`, at JAX's default matmul precision, as the masked
+    dense layer's products (TF32 for float32 on recent GPUs unless the default is
+    "highest")."""
+    impl = blocks_.product_impl()
+    if impl == "xla":
+        return bsc_matmul_xla(x, w, precision=None)
+    if impl == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError("impl='pallas' needs a GPU; use 'auto', 'xla' or 'pallas_interpret'")
+    return bsc_matmul_pallas(x, w, interpret=impl == "pallas_interpret", precision=None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

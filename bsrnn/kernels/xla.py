@@ -45,7 +45,9 @@ def auto_product(block_shape: tuple[int, int], n: int) -> Literal["dot", "fma"]:
     return "fma"
 
 
-def bsc_matmul_xla(x: jax.Array, w: BlockSparseMatrix, product: Product = "auto") -> jax.Array:
+def bsc_matmul_xla(x: jax.Array, w: BlockSparseMatrix, product: Product = "auto",
+                   precision: jax.lax.Precision | None = jax.lax.Precision.HIGHEST
+                   ) -> jax.Array:
     """y = x @ K with K block-sparse, in XLA ops.
 
     Args:
@@ -53,6 +55,8 @@ def bsc_matmul_xla(x: jax.Array, w: BlockSparseMatrix, product: Product = "auto"
       w: block-sparse K of shape (in_features, out_features).
       product: how each stored block is multiplied: "dot" (a batched matrix product),
         "fma" (bh fused multiply-adds), or "auto" (`auto_product`).
+      precision: of the "dot" product (as `bsrnn.kernels.pallas_gpu.bsc_matmul_pallas`'s):
+        HIGHEST, or None for JAX's default matmul precision.
 
     Returns:
       (..., out_features) in the promoted dtype of x and the block values; products are
@@ -78,7 +82,7 @@ def bsc_matmul_xla(x: jax.Array, w: BlockSparseMatrix, product: Product = "auto"
     values = jnp.asarray(w.values).astype(dtype)  # (nnzb, bh, bw)
     if product == "dot":
         partial = jnp.einsum("knb,kbc->knc", xg, values, preferred_element_type=acc_dtype,
-                             precision=jax.lax.Precision.HIGHEST)
+                             precision=precision)
     else:  # rows of the blocks b-major (nnzb, bw) each: `values_t` when precomputed
         rows = (jnp.swapaxes(values, 0, 1) if w.values_t is None
                 else jnp.asarray(w.values_t).astype(dtype)).astype(acc_dtype)
