@@ -3,6 +3,8 @@ persistent one) against `bsrnn.cells.RecurrentLayer` in float32 with the same pa
 (needs a Hopper GPU); their host-side layouts, resource checks and lowering for CUDA
 (anywhere)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,7 +115,7 @@ def test_persistent_smem_bytes_counts_the_resident_panels():
 
 
 @pytest.mark.skipif(mosaic_gpu.plgpu is None, reason="this jax has no Mosaic GPU")
-@pytest.mark.parametrize("kernel", ["step", "persistent"])
+@pytest.mark.parametrize("kernel", ["step", "persistent", "persistent_nolimit"])
 def test_kernels_lower_for_cuda(kernel, monkeypatch):
     """Both kernels lower for CUDA (Mosaic GPU's Python passes, layout inference included)
     on any machine: the check that caught the step kernel's unprovable TMA offsets without
@@ -121,8 +123,10 @@ def test_kernels_lower_for_cuda(kernel, monkeypatch):
     monkeypatch.setattr(jax.debug, "callback", lambda *a, **k: None)
     params, masks, x, h0, w = _weights(40, (16, 16), batch=3, steps=6)
     xp = kernels.gru_input_projection(jnp.asarray(x), w)
-    run = mosaic_gpu.gru_recurrence_mosaic if kernel == "step" else \
-        mosaic_gpu.gru_persistent_mosaic
+    run = {"step": mosaic_gpu.gru_recurrence_mosaic,
+           "persistent": mosaic_gpu.gru_persistent_mosaic,
+           "persistent_nolimit": functools.partial(mosaic_gpu.gru_persistent_mosaic,
+                                                   spin_limit=None)}[kernel]
     lowered = jax.jit(lambda xp, h: run(xp, w, h, interpret=False)).trace(
         xp, jnp.asarray(h0, jnp.float16)).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()

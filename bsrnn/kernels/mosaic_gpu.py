@@ -401,7 +401,7 @@ def persistent_smem_bytes(batch: int, max_chunks: int, chunk: int = CHUNK,
 
 
 def _persistent_kernel(plan: _Plan, res_rows: int, n: int, dtype: Any, stages: int,
-                       steps: int, spin_limit: int, interpret: Any):
+                       steps: int, spin_limit: int | None, interpret: Any):
     """All steps as one Mosaic GPU kernel: (xpT, h0T, b_hnT, panels, rows, ptr) ->
     (states ((T + 1)·Hq, N), give-ups (nq,))."""
     hq, chunk = plan.hq, plan.chunk
@@ -430,6 +430,10 @@ def _persistent_kernel(plan: _Plan, res_rows: int, n: int, dtype: Any, stages: i
         plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
 
         def wait_for(target):  # polls the counter; returns 1 if it gave up, else 0
+            if spin_limit is None:  # one thread spins (relaxed loads), no way out
+                plgpu.semaphore_wait(sem, target, decrement=False, memory_scope="gpu")
+                return jnp.zeros((), jnp.int32)
+
             def cond(carry):
                 value, polls = carry
                 return (value < target) & (polls < spin_limit)
@@ -524,7 +528,7 @@ def gru_persistent_mosaic(
     *,
     chunk: int = CHUNK,
     stages: int = STAGES,
-    spin_limit: int = SPIN_LIMIT,
+    spin_limit: int | None = SPIN_LIMIT,
     interpret: Any = None,
 ) -> jax.Array:
     """All GRU states from the input projections in ONE Mosaic GPU kernel (see the section
@@ -532,8 +536,11 @@ def gru_persistent_mosaic(
 
     Args:
       xp, weights, h0, chunk, stages, interpret: as in `gru_recurrence_mosaic`.
-      spin_limit: polls after which a wait for the other programs gives up (then this
-        function's result raises when read, and is NaN: never numbers).
+      spin_limit: polls (every thread an acquire load) after which a wait for the other
+        programs gives up (then this function's result raises when read, and is NaN: never
+        numbers). None: one thread spins on relaxed loads with no limit (cheaper, but a
+        program that never arrives hangs the kernel; the probe of `persistent_unsupported`
+        still runs with a limit first).
 
     Returns:
       (T, B, H) states h_1 .. h_T in the weights' dtype.
