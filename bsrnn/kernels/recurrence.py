@@ -35,6 +35,9 @@ Implementations (`impl=`):
   it in the interpreter (tests).
 - "mosaic" (GRU only): the Pallas Mosaic GPU kernel of `bsrnn.kernels.mosaic_gpu`, where that
   module exists and says it can run.
+- "mosaic_persistent" (GRU only): its persistent form, one launch for all steps with each
+  program's weights resident in shared memory (`mosaic_gpu.gru_persistent_mosaic`); checked
+  before launch by a probe like "persistent"'s, and a wait that gave up raises.
 
 Each gate's kernel is tiled on its own: gate g occupies block columns g·ceil(H/bw) ..
 of W_h (padded with empty columns when bw does not divide H), so a block never straddles two
@@ -59,13 +62,14 @@ from bsrnn.kernels.bsc import BlockSparseMatrix, cached_on, from_dense, to_dense
 from bsrnn.kernels.xla import bsc_matmul_xla
 
 RecurrenceImpl = Literal["auto", "dense", "xla", "pallas", "pallas_interpret", "persistent",
-                         "persistent_interpret", "mosaic"]
+                         "persistent_interpret", "mosaic", "mosaic_persistent"]
 GATES = cells.GATES["gru"]
 LSTM_GATES = cells.GATES["lstm"]
 RNN_CELLS = ("rnn", "rnn_clipped_relu")
 _SCAN_IMPLS = ("dense", "xla")
-_KERNELS = ("pallas", "pallas_interpret", "persistent", "persistent_interpret", "mosaic")
-_GRU_ONLY_KERNELS = ("persistent", "persistent_interpret", "mosaic")
+_KERNELS = ("pallas", "pallas_interpret", "persistent", "persistent_interpret", "mosaic",
+            "mosaic_persistent")
+_GRU_ONLY_KERNELS = ("persistent", "persistent_interpret", "mosaic", "mosaic_persistent")
 
 
 class ResourceError(ValueError):
@@ -511,13 +515,16 @@ def _kernel_sequence(xp: jax.Array, weights: SparseWeights, carry0: Any, impl: s
     (`_recurrence` checks)."""
     steps, batch, _ = xp.shape
     hidden, dtype = weights.hidden, xp.dtype
-    if impl == "mosaic":
+    if impl in ("mosaic", "mosaic_persistent"):
         module = _mosaic_module()
-        reason = "bsrnn.kernels.mosaic_gpu is missing or failed to import" if module is None \
-            else module.unsupported(weights, batch)
-        if reason:
-            raise ResourceError(f"impl='mosaic' cannot run here: {reason}")
-        return module.gru_recurrence_mosaic(xp, weights, carry0, **options).astype(dtype)
+        if module is None:
+            raise ResourceError(f"impl={impl!r} cannot run here: bsrnn.kernels.mosaic_gpu is "
+                                "missing or failed to import")
+        check, run = ((module.unsupported, module.gru_recurrence_mosaic) if impl == "mosaic"
+                      else (module.persistent_unsupported, module.gru_persistent_mosaic))
+        if reason := check(weights, batch):
+            raise ResourceError(f"impl={impl!r} cannot run here: {reason}")
+        return run(xp, weights, carry0, **options).astype(dtype)
     interpret = impl.endswith("_interpret")
     if not interpret:
         _gpu_only(impl)
@@ -635,7 +642,7 @@ def _candidates(weights: SparseWeights, batch: int, steps: int, dtype: Any
     candidates: dict[str, Callable[[], str | None]] = {"dense": lambda: None,
                                                        "xla": lambda: None, "pallas": gpu}
     if weights.cell != "gru":  # (xla stays a candidate: not yet measured against pallas)
-        for name in ("persistent", "mosaic"):
+        for name in ("persistent", "mosaic", "mosaic_persistent"):
             candidates[name] = lambda: "a GRU kernel only"
     else:
         if on_gpu:  # the fused step kernel does xla's work in 1 launch per step, not 2-4,
@@ -646,13 +653,16 @@ def _candidates(weights: SparseWeights, batch: int, steps: int, dtype: Any
             **_persistent_options(weights.ell, {}))) \
             if on_gpu else gpu
 
-        def mosaic() -> str | None:
-            module = _mosaic_module()
-            if module is None:
-                return "bsrnn.kernels.mosaic_gpu is missing or failed to import"
-            return module.unsupported(weights, batch)
+        def mosaic(check: str) -> Callable[[], str | None]:
+            def reason() -> str | None:
+                module = _mosaic_module()
+                if module is None:
+                    return "bsrnn.kernels.mosaic_gpu is missing or failed to import"
+                return getattr(module, check)(weights, batch)
+            return reason
 
-        candidates["mosaic"] = mosaic
+        candidates["mosaic"] = mosaic("unsupported")
+        candidates["mosaic_persistent"] = mosaic("persistent_unsupported")
     return candidates
 
 
@@ -863,7 +873,8 @@ _STEP_KERNEL = (', "pallas" (the GPU step kernel; "pallas_interpret" runs it in 
 sparse_gru.__doc__ = "A whole GRU sequence forward, like `RecurrentLayer(\"gru\", H)`.\n" + \
     _SEQUENCE_ARGS.format(
         builder="sparse_gru_weights", carry="h0: (B, H) initial state; zeros if None.",
-        kernels=', "pallas", "persistent", "mosaic" (GPU kernels; "pallas_interpret" and '
+        kernels=', "pallas", "persistent", "mosaic", "mosaic_persistent" (GPU kernels; '
+        '"pallas_interpret" and '
         '"persistent_interpret" run them in the Pallas interpreter)',
         final="h (B, H), each row's state after its last valid step")
 sparse_lstm.__doc__ = "A whole LSTM sequence forward, like `RecurrentLayer(\"lstm\", H)`.\n" + \

@@ -17,7 +17,10 @@ Methods, all on the same masked weights, in one process:
   step in lax.scan(unroll=U), BSC panels; every cell); GRU only:
   `pallas_ell` / `pallas_hold` (the same with fixed-width panels / one-shot panel tiles),
   `persist` (one persistent kernel for all steps, weight panels held in registers),
-  `persist_l2` (persistent, panels re-read from L2 every step).
+  `persist_l2` (persistent, panels re-read from L2 every step); `mosaic` (the Mosaic GPU
+  step kernel, one launch per step) and `mosaic_p` / `mosaic_p_s10` (the Mosaic GPU
+  persistent kernel, one launch, weights resident in shared memory; 6 / 10 ring stages;
+  `mosaic_p_nolimit`: its waits without a spin limit, one thread spinning).
 
 Timing: each method runs whole sequences back to back (`--calls` calls, inputs rotating
 over 3 random sets, no host sync in between); µs per step = (elapsed / calls) / T, median
@@ -55,6 +58,9 @@ METHODS = {  # label: (impl, kernel options, unroll)
     "auto": ("auto", {}, 16),
     "xla": ("xla", {}, 16),
     "mosaic": ("mosaic", {}, 1),
+    "mosaic_p": ("mosaic_persistent", {}, 1),  # one launch, weights resident in SMEM
+    "mosaic_p_s10": ("mosaic_persistent", {"stages": 10}, 1),
+    "mosaic_p_nolimit": ("mosaic_persistent", {"spin_limit": None}, 1),  # unchecked waits
     "pallas": ("pallas", {}, 16),
     "pallas_ell": ("pallas", {"layout": "ell"}, 16),
     "pallas_hold": ("pallas", {"layout": "ell", "hold": True}, 16),
