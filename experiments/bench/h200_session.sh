@@ -4,7 +4,8 @@
 # in $OUT/log. Run from the repository root on the device machine, with .whl carried
 # (ml_collections, tensorboardX, tqdm):  STEPS="seq others e2e" bash experiments/bench/h200_session.sh
 # STEPS picks the benchmarks (default: all, in this order): tests seq others e2e ds2step bd matmul
-# (and e2e_ds2, e2e_bi, st, bdk, e2e_trained (needs DS2_MODEL), be, e2e_rnn, only when named);
+# (and mtests, mp, e2e_ds2, e2e_bi, st, bdk, e2e_trained (needs DS2_MODEL), be, e2e_rnn, only
+# when named);
 # OTHER_CASES, OTHER_BLOCKS, OTHER_METHODS, OTHER_BUDGET narrow "others". COMMIT names the commit
 # (the device's copy of .git is the session's first checkout, so rev-parse there is stale).
 set -u
@@ -25,6 +26,12 @@ SEQ="python3 -W ignore experiments/bench/gru_sequence.py --skip_canary --commit 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv
 python3 -c "import jax, jaxlib, torch, triton; print('jax', jax.__version__, 'torch', torch.__version__, 'triton', triton.__version__, jax.devices())"
 step tests 80 python3 -m pytest -q -p no:warnings tests/test_recurrence.py tests/test_mosaic_gpu.py -k "gpu or mosaic"
+# The Mosaic GPU kernels' tests alone (the persistent kernel's compile and probe take longer).
+step mtests 200 python3 -m pytest -q -p no:warnings -x tests/test_mosaic_gpu.py
+# GRU 2560 16x16 with the persistent Mosaic kernel beside the others (issue 12's target cell).
+step mp ${MP_BUDGET:-200} $SEQ --cases gru:2560 --blocks 16x16 \
+  --methods cudnn,dense,auto,pallas,mosaic,mosaic_p,mosaic_p_nolimit,mosaic_p_s10 \
+  --budget_s $((${MP_BUDGET:-200} - 20)) --json=$R/mp.json --markdown=$R/mp.md
 step seq 170 $SEQ --cases gru:2560 --blocks 16x16,4x4,32x32 --methods cudnn,dense,auto,pallas,mosaic \
   --budget_s 150 --json=$R/gru2560.json --markdown=$R/gru2560.md
 step others $((${OTHER_BUDGET:-95} + 15)) $SEQ --cases ${OTHER_CASES:-lstm:1500,gru:1760,rnn:1760} \
@@ -48,7 +55,7 @@ step e2e_bi 60 python3 experiments/bench/end_to_end.py --skip=lm,unpruned --ds2_
 # Both kept-block weight gradients (dW as one GEMM then gathered, or per block) and where
 # each variant's layer time goes (GPU kernels per step).
 step st 150 python3 experiments/bench/sparse_training.py --unroll=8 --repeats=10 --impls=pallas \
-  --weight_grads=blocks,dense --kernels --json=$R/st.json --markdown=$R/st.md
+  --weight_grads=${ST_WG:-blocks,dense} --kernels --json=$R/st.json --markdown=$R/st.md
 step ds2step 110 python3 experiments/bench/masked_step.py --model ds2 --repeats 3 --json=$R/ds2step.json
 step bd 150 python3 experiments/bench/block_diagonal.py --cells=gru,lstm --modules=1,8,16 --unroll=8 \
   --repeats=10 --timed=layer,products --json=$R/bd.json --markdown=$R/bd.md
