@@ -97,17 +97,25 @@ def matmul_impl(w: BlockSparseMatrix, n: int, dtype, impl: Impl = "auto") -> str
     def make(name):
         # MATMUL_REPS products in one program: one call's wall time is mostly dispatch
         # (13-17 µs on the H200), which hides kernels a few µs apart. `shift` (zero, but
-        # traced) makes each product's input depend on the loop, so none is hoisted.
+        # traced) makes each product's input depend on the loop, so none is hoisted. The
+        # weights are closed over, as callers with fixed weights do (`bsrnn.inference`):
+        # passed as an argument, the "dense" candidate rebuilt the dense kernel from the
+        # blocks inside every timed product, and lost to kernels 1.7x slower than its GEMM
+        # (H200, 1x1 blocks, N = 8 and 32; WORKSPACE.md, 2026-12-04).
         x = jnp.asarray(np.random.default_rng(0).standard_normal((n, w.shape[0])), dtype)
 
-        def reps(x, w, shift):
+        def reps(x, shift):
             def body(i, acc):
                 return acc + bsc_matmul(x + i.astype(x.dtype) * shift, w, impl=name)
+            # Unrolled: a GPU while loop syncs with the host every iteration (~25 µs of the
+            # ~27 µs per product this measured on the H200 before), the same for every
+            # candidate, which drowned their differences.
             return jax.lax.fori_loop(0, MATMUL_REPS, body,
-                                     jnp.zeros((n, w.shape[1]), jnp.result_type(x, w.dtype)))
+                                     jnp.zeros((n, w.shape[1]), jnp.result_type(x, w.dtype)),
+                                     unroll=True)
 
         fn, shift = jax.jit(reps), jnp.zeros((), dtype)
-        return lambda: fn(x, w, shift)
+        return lambda: fn(x, shift)
 
     op_key = autotune.key("bsc_matmul", shape=w.shape, block=w.block_shape, nnzb=w.nnzb,
                           n=n, dtype=dtype.name)
